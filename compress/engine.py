@@ -1,0 +1,362 @@
+"""Training and evaluation loops, optimizer and LR schedule, with resumable checkpoints.
+
+`fit` is a plain loop: for each epoch, train, evaluate, log, checkpoint (`last.pt` every epoch,
+`best.pt` when test accuracy improves). All state needed to continue (weights, optimizer,
+scheduler, epoch, RNG) is in `last.pt`, and the data order of epoch k depends only on
+(seed, k), so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from compress.checkpoint import save_checkpoint
+from compress.data import DataSet, TensorLoader
+from compress.errors import ConfigError, check, check_choice
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """The `schedule` config group: how long and how to train."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [100, 150])
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    precision: str = "fp32"
+    channels_last: bool = False
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], prefix: str = "schedule") -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"{prefix}.{unknown[0]} is not a known key: expected one of "
+                + ", ".join(sorted(known))
+            )
+        cfg = cls(**d)
+        cfg.validate(prefix)
+        return cfg
+
+    def validate(self, p: str = "schedule") -> None:
+        check(
+            isinstance(self.epochs, int) and self.epochs >= 1,
+            f"{p}.epochs",
+            self.epochs,
+            "an integer >= 1",
+        )
+        check(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"{p}.batch_size",
+            self.batch_size,
+            "an integer >= 1",
+        )
+        check(
+            isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1,
+            f"{p}.eval_batch_size",
+            self.eval_batch_size,
+            "an integer >= 1",
+        )
+        check(
+            isinstance(self.eval_every, int) and self.eval_every >= 1,
+            f"{p}.eval_every",
+            self.eval_every,
+            "an integer >= 1",
+        )
+        check(self.lr > 0, f"{p}.lr", self.lr, "a learning rate > 0")
+        check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a value >= 0")
+        check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "a value in [0, 1)")
+        check(
+            0 <= self.label_smoothing < 1,
+            f"{p}.label_smoothing",
+            self.label_smoothing,
+            "a value in [0, 1)",
+        )
+        check(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, "a value >= 0")
+        check_choice(f"{p}.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(f"{p}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice(f"{p}.precision", self.precision, PRECISIONS)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW; no weight decay on BN parameters and biases (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0
+        )
+    opt = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return opt(groups, lr=cfg.lr)
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """LR multiplier at optimizer step `step` (per-step schedules, linear warmup first)."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if cfg.lr_schedule == "onecycle":  # 25% warmup from lr/25, cosine to ~0
+        warmup = warmup or 0.25 * total
+        if step < warmup:
+            return 0.04 + 0.96 * step / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    if cfg.lr_schedule == "step":
+        epoch = step // steps_per_epoch
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return 1.0
+
+
+class Callback:
+    """Hooks into the loop; subclasses override what they need (sparsity, weight clipping, ...)."""
+
+    def after_backward(self, model: nn.Module) -> None: ...
+
+    def after_step(self, model: nn.Module) -> None: ...
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, writer: Any) -> None: ...
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("schedule.precision=fp16 needs a CUDA device: use bf16 on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: TensorLoader, precision: str = "fp32") -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean cross-entropy over a loader."""
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for x, y in loader:
+        with autocast(loader.device, precision):
+            out = model(x)
+        loss += F.cross_entropy(out.float(), y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    return {"acc": 100.0 * correct / max(n, 1), "loss": loss / max(n, 1)}
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: TensorLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    callbacks: Sequence[Callback] = (),
+    desc: str = "train",
+) -> dict[str, float]:
+    model.train()
+    scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16")
+    total_loss = torch.zeros((), device=loader.device)
+    correct = torch.zeros((), dtype=torch.long, device=loader.device)
+    n = 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if cfg.progress else True)
+    for x, y in bar:
+        with autocast(loader.device, cfg.precision):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at step {n}; lower schedule.lr"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        for cb in callbacks:
+            cb.after_backward(model)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        for cb in callbacks:
+            cb.after_step(model)
+        total_loss += loss.detach() * len(y)
+        correct += (out.detach().argmax(1) == y).sum()
+        n += len(y)
+    return {"acc": 100.0 * correct.item() / max(n, 1), "loss": total_loss.item() / max(n, 1)}
+
+
+def make_loaders(
+    data: DataSet,
+    cfg: TrainConfig,
+    device: torch.device,
+    seed: int,
+    crop_padding: int = 4,
+    flip: bool = True,
+) -> tuple[TensorLoader, TensorLoader]:
+    train = TensorLoader(
+        data.train,
+        cfg.batch_size,
+        data.mean,
+        data.std,
+        device,
+        train=True,
+        crop_padding=crop_padding,
+        flip=flip,
+        seed=seed,
+        channels_last=cfg.channels_last,
+    )
+    test = TensorLoader(
+        data.test, cfg.eval_batch_size, data.mean, data.std, device, channels_last=cfg.channels_last
+    )
+    return train, test
+
+
+def fit(
+    model: nn.Module,
+    data: DataSet,
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    device: torch.device,
+    seed: int = 0,
+    resume_state: dict[str, Any] | None = None,
+    extra_state: dict[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    crop_padding: int = 4,
+    flip: bool = True,
+    writer: Any = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train `model` for `cfg.epochs`, evaluating each epoch; returns the run's summary.
+
+    `resume_state`: a `last.pt` dict to continue from. `extra_state`: plain data saved in every
+    checkpoint (the arch, quant config, data set name and composed config).
+    """
+    run_dir = Path(run_dir)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_loader, test_loader = make_loaders(data, cfg, device, seed, crop_padding, flip)
+    if len(train_loader) == 0:
+        raise ConfigError(
+            f"schedule.batch_size={cfg.batch_size} is larger than the "
+            f"{len(data.train)} training images"
+        )
+    steps = len(train_loader)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps))
+    start, best, history, wall = 0, -1.0, [], 0.0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        torch.set_rng_state(resume_state["rng"])
+        start, best = resume_state["epoch"], resume_state["best_acc"]
+        history, wall = list(resume_state["history"]), resume_state["wall_s"]
+        log.info("resuming from epoch %d of %d (best %.2f%%)", start, cfg.epochs, best)
+    extra = dict(extra_state or {}, arch=model.arch)
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        tr = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            scheduler,
+            cfg,
+            callbacks,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        )
+        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        none = {"acc": None, "loss": None}
+        te = evaluate(model, test_loader, cfg.precision) if evaluated else none
+        wall += time.perf_counter() - t0
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": tr["loss"],
+            "train_acc": tr["acc"],
+            "test_loss": te["loss"],
+            "test_acc": te["acc"],
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        history.append(row)
+        test = f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%" if evaluated else "not evaluated"
+        log.info(
+            "epoch %d/%d  train loss %.4f acc %.2f%%  %s  (%.0fs)",
+            epoch + 1,
+            cfg.epochs,
+            tr["loss"],
+            tr["acc"],
+            test,
+            time.perf_counter() - t0,
+        )
+        if writer is not None:
+            for k, v in row.items():
+                if k != "epoch" and v is not None:  # None: an epoch without evaluation
+                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+        for cb in callbacks:
+            cb.on_epoch_end(epoch + 1, model, writer)
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if evaluated and te["acc"] > best:
+            best = te["acc"]
+            save_checkpoint(
+                run_dir / "best.pt",
+                {**extra, "model": weights, "epoch": epoch + 1, "test_acc": te["acc"]},
+            )
+        save_checkpoint(
+            run_dir / "last.pt",
+            {
+                **extra,
+                "model": weights,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "best_acc": best,
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "wall_s": wall,
+                "test_acc": te["acc"],
+            },
+        )
+        if on_epoch is not None:
+            on_epoch(epoch + 1, row)
+    final = history[-1]
+    return {
+        "test_acc": final["test_acc"],
+        "best_test_acc": best,
+        "epochs": cfg.epochs,
+        "wall_s": wall,
+        "history": history,
+    }
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)

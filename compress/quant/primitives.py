@@ -1,0 +1,124 @@
+"""Pure quantization functions with defined gradients. Everything here is stateless math.
+
+Gradient modes of `with_surrogate_grad` (the backward of a quantizer whose input range is
+[lo, hi], centre c = (lo + hi) / 2, half-width h = (hi - lo) / 2, output span s):
+  ste           d/dx = 1 everywhere (pass-through)
+  saturate_ste  d/dx = 1 where lo <= x <= hi, 0 outside (for sign: |x| <= 1)
+  soft_ste      d/dx = (s / h) * max(0, 1 - |x - c| / h), the derivative of a piecewise-
+                quadratic approximation of the step (for sign: 2 - 2|x| inside [-1, 1], the
+                ApproxSign of Bi-Real Net); it integrates to the output span s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRAD_MODES = ("ste", "saturate_ste", "soft_ste")
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize_k(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """DoReFa's q_k on [0, 1]: round((2^k - 1) x) / (2^k - 1), straight-through round."""
+    n = float(2**bits - 1)
+    return round_ste(x * n) / n
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = +1, so every value is +-1 (no gradient; see with_surrogate_grad)."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def surrogate_grad(x: torch.Tensor, mode: str, lo: float, hi: float, span: float) -> torch.Tensor:
+    """The backward multiplier d q(x) / dx of a gradient mode (see the module docstring)."""
+    if mode == "ste":
+        return torch.ones_like(x)
+    if mode == "saturate_ste":
+        return ((x >= lo) & (x <= hi)).to(x.dtype)
+    if mode == "soft_ste":
+        c, h = (lo + hi) / 2, (hi - lo) / 2
+        return (span / h) * (1 - (x - c).abs() / h).clamp_min(0)
+    raise ValueError(f"unknown gradient mode {mode!r}: expected one of {', '.join(GRAD_MODES)}")
+
+
+class _SurrogateGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, q, mode, lo, hi, span):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.args = (mode, lo, hi, span)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * surrogate_grad(x, *ctx.args), None, None, None, None, None
+
+
+def with_surrogate_grad(
+    x: torch.Tensor, q: torch.Tensor, mode: str, lo: float, hi: float, span: float
+) -> torch.Tensor:
+    """Return `q` (the quantized x) in forward, with the gradient of mode `mode` in backward."""
+    return _SurrogateGrad.apply(x, q.detach(), mode, lo, hi, span)
+
+
+# ---------------------------------------------------------------- weights
+def dorefa_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """w_q = 2 q_k(tanh(w) / (2 max|tanh(w)|) + 1/2) - 1 (DoReFa-Net), gradient through tanh."""
+    t = torch.tanh(w)
+    t = t / (2 * t.abs().max().detach().clamp_min(1e-12)) + 0.5
+    return 2 * quantize_k(t, bits) - 1
+
+
+def _per_channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dim but the first (output channels), shaped to broadcast against x."""
+    return x.reshape(x.shape[0], -1).mean(1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def ternary_weight(w: torch.Tensor, gap: float = 0.7, scale: bool = True) -> torch.Tensor:
+    """TWN: per output channel, delta = gap * mean|w|; values {-a, 0, +a} with a = mean of |w|
+    over |w| > delta (a = 1 without `scale`). Straight-through gradient."""
+    a = w.abs().detach()
+    delta = gap * _per_channel_mean(a)
+    mask = (a > delta).to(w.dtype)
+    q = torch.sign(w.detach()) * mask
+    if scale:
+        count = mask.reshape(w.shape[0], -1).sum(1).clamp_min(1)
+        alpha = (a * mask).reshape(w.shape[0], -1).sum(1) / count
+        q = q * alpha.view(-1, *([1] * (w.dim() - 1)))
+    return w + (q - w).detach()
+
+
+def binary_weight(w: torch.Tensor, scale: bool = True, center: bool = False) -> torch.Tensor:
+    """BNN / XNOR-Net: sign(w) (sign(0) = +1), times alpha = mean|w| per output channel with
+    `scale`; `center` subtracts the per-channel mean first. Straight-through gradient."""
+    if center:
+        w = w - _per_channel_mean(w)
+    q = sign(w.detach())
+    if scale:
+        q = q * _per_channel_mean(w.detach().abs())
+    return w + (q - w).detach()
+
+
+# ---------------------------------------------------------------- activations
+def dorefa_act(x: torch.Tensor, bits: int, grad: str = "saturate_ste") -> torch.Tensor:
+    """clip(x, 0, 1) quantized to 2^k levels."""
+    n = float(2**bits - 1)
+    q = torch.round(x.detach().clamp(0, 1) * n) / n
+    return with_surrogate_grad(x, q, grad, 0.0, 1.0, 1.0)
+
+
+def ternary_act(
+    x: torch.Tensor, threshold: float = 0.5, grad: str = "saturate_ste"
+) -> torch.Tensor:
+    """{-1, 0, +1}: sign(x) where |x| > threshold, else 0."""
+    xd = x.detach()
+    q = torch.sign(xd) * (xd.abs() > threshold).to(x.dtype)
+    return with_surrogate_grad(x, q, grad, -1.0, 1.0, 2.0)
+
+
+def binary_act(x: torch.Tensor, grad: str = "saturate_ste") -> torch.Tensor:
+    """sign(x) with sign(0) = +1."""
+    return with_surrogate_grad(x, sign(x.detach()), grad, -1.0, 1.0, 2.0)

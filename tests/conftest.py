@@ -1,0 +1,63 @@
+"""Shared fixtures: real data prepared from ../shared when present, CLI runners, tiny configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+# Tiny, fast settings for CLI runs on the synthetic data set.
+TINY = [
+    "dataset=synthetic",
+    "dataset.num_train=64",
+    "dataset.num_test=32",
+    "schedule.epochs=1",
+    "schedule.batch_size=16",
+    "schedule.progress=false",
+    "device=cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A folder with cifar-10-batches-py/: COMPRESS_DATA_DIR, ./data, or unpacked from ../shared."""
+    for cand in (os.environ.get("COMPRESS_DATA_DIR"), ROOT / "data"):
+        if cand and (Path(cand) / "cifar-10-batches-py" / "test_batch").exists():
+            return Path(cand)
+    unpack = SHARED / "cifar10" / "unpack.py"
+    if not unpack.exists():
+        pytest.skip("real CIFAR-10 not available (no ../shared/data/cifar10)")
+    out = tmp_path_factory.mktemp("cifar")
+    subprocess.run([sys.executable, str(unpack), str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    if not (SHARED / "mnist" / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("MNIST not available (no ../shared/data/mnist)")
+    return SHARED / "mnist"
+
+
+def run_cli(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 300):
+    """Run an entry point as a user would; returns the CompletedProcess (text output)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli
