@@ -1,6 +1,6 @@
 """Train a model as the composed config says: `python train.py model=nin quant=w2a2`.
 
-Thin Hydra entry point; the work is done by `compress.experiment.run_training`.
+Thin Hydra entry point; the work is done by `compress.pipeline.run_pipeline`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from compress.cli import user_errors
-from compress.experiment import run_training
+from compress.pipeline import run_pipeline
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -20,7 +20,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors(run_dir):
         OmegaConf.save(cfg, run_dir / "config.yaml")
-        metrics = run_training(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        metrics = run_pipeline(OmegaConf.to_container(cfg, resolve=True), run_dir)
         print(
             f"test accuracy: {metrics['test_acc']:.2f}% (best {metrics['best_test_acc']:.2f}%)"
             f"  run dir: {run_dir}"

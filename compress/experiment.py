@@ -56,8 +56,8 @@ def build_model(cfg: dict[str, Any], data: DataSet) -> tuple[nn.Module, dict[str
         )
         return model, None
     path = Path(cfg["init_from"])
-    state = load_checkpoint(path)
     try:
+        state = load_checkpoint(path)
         model = model_from_checkpoint(state, expect=name, quantized=False)
     except CheckpointError as e:
         raise CheckpointError(f"init_from={path}: {e}") from None
@@ -88,7 +88,7 @@ def run_training(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed = int(cfg.get("seed", 0))
-    sched = TrainConfig.from_dict(dict(cfg["schedule"]))
+    sched = TrainConfig.from_dict({k: v for k, v in cfg["schedule"].items() if k != "stages"})
     device = resolve_device(cfg.get("device", "auto"))
     quant_cfg = dict(cfg.get("quant") or {})
     validate_quant(quant_cfg)

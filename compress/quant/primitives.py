@@ -16,9 +16,14 @@ import torch
 GRAD_MODES = ("ste", "saturate_ste", "soft_ste")
 
 
+def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`q` forward (exactly: q + 0), identity gradient to `x` backward."""
+    return q.detach() + (x - x.detach())
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward."""
-    return x + (torch.round(x) - x).detach()
+    return ste(x, torch.round(x))
 
 
 def quantize_k(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -88,7 +93,7 @@ def ternary_weight(w: torch.Tensor, gap: float = 0.7, scale: bool = True) -> tor
         count = mask.reshape(w.shape[0], -1).sum(1).clamp_min(1)
         alpha = (a * mask).reshape(w.shape[0], -1).sum(1) / count
         q = q * alpha.view(-1, *([1] * (w.dim() - 1)))
-    return w + (q - w).detach()
+    return ste(w, q)
 
 
 def binary_weight(w: torch.Tensor, scale: bool = True, center: bool = False) -> torch.Tensor:
@@ -99,7 +104,7 @@ def binary_weight(w: torch.Tensor, scale: bool = True, center: bool = False) -> 
     q = sign(w.detach())
     if scale:
         q = q * _per_channel_mean(w.detach().abs())
-    return w + (q - w).detach()
+    return ste(w, q)
 
 
 # ---------------------------------------------------------------- activations

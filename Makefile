@@ -1,0 +1,35 @@
+# The README's commands. Each target sets up .venv first when it is missing.
+PY      := .venv/bin/python
+DATA    ?= $(or $(COMPRESS_DATA_DIR),data)
+SHARED  := ../shared/data/cifar10/unpack.py
+
+.PHONY: demo test lint bench data clean
+
+.venv/.ready: pyproject.toml
+	test -d .venv || python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# CIFAR-10 in the standard layout: a local copy when this checkout sits beside one
+# (../shared), else the canonical download.
+$(DATA)/cifar-10-batches-py/test_batch: | .venv/.ready
+	@if [ -f $(SHARED) ]; then $(PY) $(SHARED) $(DATA); \
+	else $(PY) -c "from compress.data import load_dataset; load_dataset('cifar10', root='$(DATA)', download=True)"; fi
+
+data: $(DATA)/cifar-10-batches-py/test_batch
+
+demo: .venv/.ready data
+	COMPRESS_DATA_DIR=$(DATA) $(PY) train.py experiment=quickstart
+
+test: .venv/.ready
+	$(PY) -m pytest
+
+lint: .venv/.ready
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+bench: .venv/.ready data
+	$(PY) bench/train_speed.py
+
+clean:
+	rm -rf outputs .pytest_cache

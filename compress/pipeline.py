@@ -1,0 +1,111 @@
+"""Multi-stage runs: `schedule.stages` lists stages that run in order in one run directory.
+
+Each stage writes its own subfolder `NN_name/` (checkpoints, metrics.json, TensorBoard) and
+starts from the previous stage's `best.pt`. A stage is a string (its kind) or a dict:
+
+    {stage: quantize, name: w4a4, epochs: 10, lr: 0.01, quant: {weight: {bits: 4}}}
+
+`stage` is the kind, `name` the folder label, `quant` / `model` / `dataset` entries are merged
+into those groups, and every other key overrides `schedule`. With `resume=true`, finished
+stages (those with a stage.json) are skipped and the interrupted one continues.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from compress.cli import write_json
+from compress.errors import ConfigError, check_choice
+from compress.experiment import run_training
+
+log = logging.getLogger(__name__)
+
+GROUP_KEYS = ("quant", "model", "dataset")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _train_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
+    run_training(cfg, stage_dir)
+    return stage_dir / "best.pt"
+
+
+# A stage runner takes the stage's config and folder and returns the checkpoint it produced.
+STAGE_KINDS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
+    "train": _train_stage,  # from init_from when given, else from scratch
+    "finetune": _train_stage,  # from the previous stage
+    "quantize": _train_stage,  # from the previous stage, with this stage's quant config
+}
+NEEDS_INPUT = {"finetune", "quantize"}
+
+
+def register_stage(
+    kind: str, runner: Callable[[dict[str, Any], Path], Path], needs_input: bool = True
+) -> None:
+    """Add a stage kind (prune, fuse, ... register themselves from their modules)."""
+    STAGE_KINDS[kind] = runner
+    if needs_input:
+        NEEDS_INPUT.add(kind)
+
+
+def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """Resolve `schedule.stages` into (kind, folder name, stage config) triples, validated."""
+    stages = cfg["schedule"].get("stages") or []
+    base = copy.deepcopy(cfg)
+    base["schedule"] = {k: v for k, v in base["schedule"].items() if k != "stages"}
+    out, have_weights = [], bool(cfg.get("init_from"))
+    for i, spec in enumerate(stages):
+        spec = {"stage": spec} if isinstance(spec, str) else dict(spec)
+        kind = spec.pop("stage", None)
+        check_choice(f"schedule.stages[{i}].stage", kind, sorted(STAGE_KINDS))
+        name = str(spec.pop("name", kind))
+        if kind in NEEDS_INPUT and not have_weights:
+            raise ConfigError(
+                f"schedule.stages[{i}]={kind} needs trained weights, but no earlier stage trains "
+                "a model and init_from is not set: put a train stage first or pass init_from=PATH"
+            )
+        groups = {k: spec.pop(k) for k in GROUP_KEYS if k in spec}
+        stage_cfg = _merge(base, {**groups, "schedule": spec})
+        stage_cfg["resume"] = False
+        out.append((kind, f"{i:02d}_{name}", stage_cfg))
+        have_weights = True
+    return out
+
+
+def run_pipeline(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Run `cfg` as a single training run, or as its `schedule.stages` in order."""
+    run_dir = Path(run_dir)
+    if not cfg["schedule"].get("stages"):
+        return run_training(cfg, run_dir)
+    stages = plan(cfg)
+    previous: Path | None = Path(cfg["init_from"]) if cfg.get("init_from") else None
+    results = []
+    for kind, folder, stage_cfg in stages:
+        stage_dir = run_dir / folder
+        done = stage_dir / "stage.json"
+        if previous is not None:
+            stage_cfg["init_from"] = str(previous)
+        if cfg.get("resume") and done.exists():
+            log.info("stage %s: finished earlier, skipped", folder)
+        else:
+            stage_cfg["resume"] = bool(cfg.get("resume")) and (stage_dir / "last.pt").exists()
+            log.info("stage %s (%s)%s", folder, kind, " resumed" if stage_cfg["resume"] else "")
+            ckpt = STAGE_KINDS[kind](stage_cfg, stage_dir)
+            write_json(done, {"kind": kind, "checkpoint": ckpt.name})
+        metrics = json.loads((stage_dir / "metrics.json").read_text())
+        metrics.pop("history", None)
+        results.append({"stage": folder, "kind": kind, **metrics})
+        previous = stage_dir / json.loads(done.read_text())["checkpoint"]
+    summary = {**results[-1], "stages": results}
+    write_json(run_dir / "metrics.json", summary)
+    return summary

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compress import engine
+from compress.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from compress.engine import TrainConfig, lr_factor
+from compress.errors import CheckpointError, ConfigError
+from compress.experiment import run_training
+from compress.models import create_model
+
+
+def tiny_cfg(**schedule) -> dict:
+    return {
+        "seed": 0,
+        "device": "cpu",
+        "resume": False,
+        "init_from": None,
+        "model": {"name": "resnet20", "channels": [4] * 9},
+        "dataset": {"name": "synthetic", "num_train": 64, "num_test": 32, "crop_padding": 2,
+                    "flip": True},
+        "quant": {"weight": {"kind": "fp32"}, "act": {"kind": "fp32"}},
+        "schedule": {"epochs": 3, "batch_size": 16, "lr": 0.05, "progress": False, **schedule},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("epochs", 0, "schedule.epochs=0 is invalid: expected an integer >= 1"),
+        ("lr", -0.1, "schedule.lr=-0.1 is invalid: expected a learning rate > 0"),
+        ("batch_size", 0, "schedule.batch_size=0 is invalid"),
+        ("optimizer", "lbfgs", "expected one of sgd, adam, adamw"),
+        ("precision", "int4", "schedule.precision='int4'"),
+        ("typo", 1, "schedule.typo is not a known key"),
+    ],
+)
+def test_schedule_validation(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict({key: value})
+
+
+def test_lr_schedules():
+    cos = TrainConfig(epochs=10, lr_schedule="cosine")
+    assert lr_factor(cos, 0, 10) == 1.0 and lr_factor(cos, 50, 10) == pytest.approx(0.5)
+    assert lr_factor(cos, 100, 10) == pytest.approx(0.0)
+    step = TrainConfig(epochs=10, lr_schedule="step", milestones=[3, 6], gamma=0.1)
+    assert [lr_factor(step, e * 10, 10) for e in (0, 3, 6)] == pytest.approx([1, 0.1, 0.01])
+    one = TrainConfig(epochs=4, lr_schedule="onecycle")
+    assert lr_factor(one, 0, 10) == pytest.approx(0.04) and lr_factor(one, 10, 10) == 1.0
+    assert lr_factor(one, 40, 10) == pytest.approx(0.0)
+    warm = TrainConfig(epochs=10, lr_schedule="cosine", warmup_epochs=1)
+    assert lr_factor(warm, 4, 10) == pytest.approx(0.5)
+    assert math.isclose(lr_factor(warm, 10, 10), 1.0)
+
+
+def test_checkpoint_is_atomic_and_round_trips(tmp_path):
+    model = create_model("nin", channels=[8] * 8)
+    path = save_checkpoint(tmp_path / "m.pt", {"arch": model.arch, "model": model.state_dict()})
+    assert not (tmp_path / "m.pt.tmp").exists()
+    state = load_checkpoint(path)
+    rebuilt = model_from_checkpoint(state)
+    assert rebuilt.arch == model.arch
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(model.eval()(x), rebuilt.eval()(x))
+
+
+def test_corrupt_truncated_and_foreign_checkpoints(tmp_path):
+    model = create_model("resnet20")
+    path = save_checkpoint(tmp_path / "m.pt", {"arch": model.arch, "model": model.state_dict()})
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"trunc.pt is corrupt or truncated"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk.pt is corrupt or truncated"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a compress checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="holds a 'resnet20' model but model=nin"):
+        model_from_checkpoint(load_checkpoint(path), expect="nin")
+
+
+def test_training_learns_and_writes_run_files(tmp_path):
+    metrics = run_training(tiny_cfg(epochs=4, lr=0.1), tmp_path)
+    assert {"last.pt", "best.pt", "metrics.json", "tb"} <= {p.name for p in tmp_path.iterdir()}
+    hist = metrics["history"]
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert metrics["best_test_acc"] == max(h["test_acc"] for h in hist)
+    assert load_checkpoint(tmp_path / "best.pt")["test_acc"] == metrics["best_test_acc"]
+
+
+def test_interrupted_then_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    run_training(tiny_cfg(), full)
+
+    calls = {"n": 0}
+    real_evaluate = engine.evaluate
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    broken = tmp_path / "broken"
+    monkeypatch.setattr(engine, "evaluate", interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_cfg(), broken)
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    assert load_checkpoint(broken / "last.pt")["epoch"] == 1
+    resumed = run_training({**tiny_cfg(), "resume": True}, broken)
+
+    a = load_checkpoint(full / "last.pt")["model"]
+    b = load_checkpoint(broken / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["epochs"] == 3 and len(resumed["history"]) == 3
+
+
+def test_init_from_keeps_the_stored_architecture(tmp_path):
+    run_training(tiny_cfg(epochs=1), tmp_path / "a")
+    cfg = {**tiny_cfg(epochs=1), "init_from": str(tmp_path / "a" / "best.pt")}
+    cfg["model"] = {"name": "resnet20"}  # default widths asked for; the checkpoint's win
+    run_training(cfg, tmp_path / "b")
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["arch"]["channels"] == [4] * 9
+    cfg["model"] = {"name": "nin"}
+    with pytest.raises(CheckpointError, match="holds a 'resnet20' model but model=nin"):
+        run_training(cfg, tmp_path / "c")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="resume=true but .*last.pt does not exist"):
+        run_training({**tiny_cfg(), "resume": True}, tmp_path)

@@ -1,0 +1,126 @@
+"""Quantizers against their reference formulas, value counts, and gradient modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.quant import primitives as P
+
+torch.manual_seed(0)
+
+
+def ref_qk(x: torch.Tensor, k: int) -> torch.Tensor:
+    n = 2**k - 1
+    return torch.round(n * x) / n
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16])
+def test_dorefa_weight_matches_formula_and_level_count(bits):
+    w = torch.randn(16, 8, 3, 3)
+    t = torch.tanh(w)
+    ref = 2 * ref_qk(t / (2 * t.abs().max()) + 0.5, bits) - 1
+    q = P.dorefa_weight(w, bits)
+    assert torch.allclose(q, ref, atol=1e-6)
+    assert q.unique().numel() <= 2**bits and q.abs().max() <= 1
+
+
+def test_dorefa_weight_gradient_flows_through_tanh():
+    w = torch.randn(4, 4, requires_grad=True)
+    P.dorefa_weight(w, 4).sum().backward()
+    t = torch.tanh(w.detach())
+    m = t.abs().max()
+    # d/dw of 2 * (tanh(w) / (2 m) + 1/2) - 1 with m held constant = (1 - tanh^2) / m
+    assert torch.allclose(w.grad, (1 - t**2) / m, atol=1e-5)
+
+
+def test_ternary_weight_matches_twn_per_channel():
+    w = torch.randn(8, 4, 3, 3)
+    q = P.ternary_weight(w, gap=0.7, scale=True)
+    for c in range(8):
+        a = w[c].abs()
+        delta = 0.7 * a.mean()
+        mask = a > delta
+        alpha = a[mask].mean()
+        ref = torch.where(mask, torch.sign(w[c]) * alpha, torch.zeros_like(w[c]))
+        assert torch.allclose(q[c], ref, atol=1e-6)
+        assert q[c].unique().numel() <= 3
+    unscaled = P.ternary_weight(w, gap=0.7, scale=False)
+    assert set(unscaled.unique().tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_ternary_gap_controls_sparsity():
+    w = torch.randn(8, 64)
+    zeros = [(P.ternary_weight(w, gap=g) == 0).float().mean() for g in (0.3, 0.7, 1.2)]
+    assert zeros[0] < zeros[1] < zeros[2]
+
+
+def test_binary_weight_sign_scale_and_centering():
+    w = torch.randn(6, 5, 3, 3)
+    w[0, 0, 0, 0] = 0.0
+    q = P.binary_weight(w, scale=False)
+    assert set(q.unique().tolist()) == {-1.0, 1.0} and q[0, 0, 0, 0] == 1.0  # sign(0) = +1
+    qs = P.binary_weight(w, scale=True)
+    alpha = w.abs().flatten(1).mean(1)
+    assert torch.allclose(qs, torch.where(w >= 0, 1.0, -1.0) * alpha.view(-1, 1, 1, 1))
+    for c in range(6):
+        assert qs[c].unique().numel() <= 2
+    shifted = w + 5  # all positive: centering restores both signs
+    assert P.binary_weight(shifted, scale=False, center=True).unique().numel() == 2
+
+
+@pytest.mark.parametrize("fn", [P.ternary_weight, P.binary_weight])
+def test_weight_quantizers_pass_gradient_straight_through(fn):
+    w = torch.randn(4, 3, requires_grad=True)
+    g = torch.randn(4, 3)
+    fn(w).backward(g)
+    assert torch.equal(w.grad, g)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dorefa_act_levels(bits):
+    x = torch.randn(1000) * 2
+    q = P.dorefa_act(x, bits)
+    assert torch.allclose(q, ref_qk(x.clamp(0, 1), bits))
+    assert q.unique().numel() <= 2**bits
+
+
+def test_ternary_and_binary_act_values():
+    x = torch.tensor([-2.0, -0.6, -0.4, 0.0, 0.4, 0.6, 2.0])
+    assert P.ternary_act(x, threshold=0.5).tolist() == [-1, -1, 0, 0, 0, 1, 1]
+    assert P.binary_act(x).tolist() == [-1, -1, -1, 1, 1, 1, 1]
+
+
+def expected_grad(x: torch.Tensor, mode: str, lo: float, hi: float, span: float) -> torch.Tensor:
+    if mode == "ste":
+        return torch.ones_like(x)
+    if mode == "saturate_ste":
+        return ((x >= lo) & (x <= hi)).float()
+    c, h = (lo + hi) / 2, (hi - lo) / 2
+    return torch.clamp(span / h * (1 - (x - c).abs() / h), min=0)
+
+
+@pytest.mark.parametrize("mode", P.GRAD_MODES)
+@pytest.mark.parametrize(
+    ("fn", "lo", "hi", "span"),
+    [
+        (lambda x, m: P.binary_act(x, grad=m), -1.0, 1.0, 2.0),
+        (lambda x, m: P.ternary_act(x, grad=m), -1.0, 1.0, 2.0),
+        (lambda x, m: P.dorefa_act(x, 2, grad=m), 0.0, 1.0, 1.0),
+    ],
+)
+def test_act_gradients_follow_the_mode(fn, lo, hi, span, mode):
+    x = torch.linspace(-2, 2, 401, requires_grad=True)
+    fn(x, mode).sum().backward()
+    assert torch.allclose(x.grad, expected_grad(x.detach(), mode, lo, hi, span), atol=1e-6)
+
+
+def test_soft_ste_for_sign_is_two_minus_two_abs_x():
+    x = torch.tensor([-1.5, -0.5, 0.0, 0.25, 1.0], requires_grad=True)
+    P.binary_act(x, grad="soft_ste").sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 2.0, 1.5, 0.0]
+
+
+def test_unknown_grad_mode():
+    with pytest.raises(ValueError, match="unknown gradient mode 'fancy'"):
+        P.surrogate_grad(torch.zeros(1), "fancy", 0, 1, 1)
