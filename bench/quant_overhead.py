@@ -70,8 +70,9 @@ def main() -> None:
                 times[m].append(time.perf_counter() - t0)
         med = {m: sorted(t)[len(t) // 2] for m, t in times.items()}
         cells = [f"{med[m] / med['fp32']:.2f}x" for m in MODES]
-        print(f"| {name} (fp32 {1000 * med['fp32']:.0f} ms) | " + " | ".join(cells) + " |",
-              flush=True)
+        print(
+            f"| {name} (fp32 {1000 * med['fp32']:.0f} ms) | " + " | ".join(cells) + " |", flush=True
+        )
     print("\n(step time relative to fp32; weights and activations fake-quantized in training)")
 
 

@@ -67,8 +67,10 @@ def framework_vs_bare(name: str, batch: int, steps: int) -> tuple[float, float, 
     """Seconds per step: bare loop, framework loop, data pipeline alone."""
     n = batch * steps
     g = torch.Generator().manual_seed(0)
-    split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-                  torch.randint(0, 10, (n,), generator=g))
+    split = Split(
+        torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+    )
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.01, progress=False)
     loader = TensorLoader(split, batch, mean, std, train=True, crop_padding=4, flip=True)
@@ -112,8 +114,10 @@ def main() -> None:
     ap.add_argument("--overhead-model", default="resnet20")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}\n")
-    print("| model | fp32 train | channels_last train | bf16 train | fp32 infer "
-          "| channels_last infer | bf16 infer |")
+    print(
+        "| model | fp32 train | channels_last train | bf16 train | fp32 infer "
+        "| channels_last infer | bf16 infer |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models.split(","):
         tr, inf = [], []
@@ -125,11 +129,15 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     print("\n(images/s; bf16 runs under autocast with channels_last)\n")
     bare, fw, data = framework_vs_bare(args.overhead_model, args.batch, 8)
-    print("| model | bare loop s/step | framework s/step | framework / bare speed "
-          "| data pipeline share of a step |")
+    print(
+        "| model | bare loop s/step | framework s/step | framework / bare speed "
+        "| data pipeline share of a step |"
+    )
     print("|---|---:|---:|---:|---:|")
-    print(f"| {args.overhead_model} | {bare:.3f} | {fw:.3f} | {bare / fw:.2f}x "
-          f"| {100 * data / fw:.1f}% |")
+    print(
+        f"| {args.overhead_model} | {bare:.3f} | {fw:.3f} | {bare / fw:.2f}x "
+        f"| {100 * data / fw:.1f}% |"
+    )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def model_from_checkpoint(
     """Rebuild the model stored in a checkpoint: its architecture, its weights, its quantization.
 
     `expect`: the model name the caller asked for; a checkpoint of another family is refused.
-    `quantized=False` returns the float model (quantized layers share the float layers' weights).
+    `quantized=False` returns the float model (quantized layers share the float layers' weights);
+    a fused checkpoint is always rebuilt as it was fused.
     """
     arch = dict(state["arch"])
     name = arch.pop("name")
@@ -61,6 +62,15 @@ def model_from_checkpoint(
             f"checkpoint holds a {name!r} model but model={expect}; pass model={name} to use it"
         )
     model = create_model(name, **arch)
+    fused = state.get("fused")
+    if state.get("quant") and (quantized or fused):
+        from compress.quant import quantize_  # the quant package builds on this module
+
+        quantize_(model, state["quant"])
+    if fused:
+        from compress.fuse import apply_fused_structure_
+
+        apply_fused_structure_(model, fused)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -68,8 +78,4 @@ def model_from_checkpoint(
         raise CheckpointError(
             f"checkpoint weights do not fit its {name} architecture: {first}"
         ) from None
-    if quantized and state.get("quant"):
-        from compress.quant import quantize_  # the quant package builds on this module
-
-        quantize_(model, state["quant"])
     return model

@@ -50,6 +50,10 @@ def build_model(cfg: dict[str, Any], data: DataSet) -> tuple[nn.Module, dict[str
     """
     model_cfg = dict(cfg["model"])
     name = model_cfg.pop("name")
+    if cfg.get("refine"):  # the seed project's name for finetuning a pruned model
+        if cfg.get("init_from"):
+            raise ConfigError("pass init_from=PATH or refine=PATH, not both")
+        cfg = {**cfg, "init_from": cfg["refine"]}
     if not cfg.get("init_from"):
         model = create_model(
             name, num_classes=data.num_classes, in_channels=data.in_channels, **model_cfg
@@ -115,6 +119,11 @@ def run_training(
         model, _ = build_model(cfg, data)
         torch.manual_seed(seed)  # same data/dropout RNG whether or not the model was fresh
 
+    sparsity = dict(cfg.get("sparsity") or {})
+    if sparsity.get("enabled"):
+        from compress.prune import BNSparsity
+
+        callbacks = [BNSparsity(model, float(sparsity.get("s", 1e-4))), *(callbacks or [])]
     if is_quantized(quant_cfg):
         quantize_(model, quant_cfg)
     callbacks = [*quant_callbacks(model), *(callbacks or [])]
@@ -167,3 +176,192 @@ def run_training(
         metrics["size_bytes"] / 1024,
     )
     return metrics
+
+
+def source_dataset_cfg(cfg: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The data set to evaluate on: `dataset=` when given, else the checkpoint's own."""
+    if cfg.get("dataset"):
+        return dict(cfg["dataset"])
+    stored = (state.get("config") or {}).get("dataset")
+    if not stored:
+        raise ConfigError("the checkpoint does not record its data set: pass dataset=NAME")
+    return dict(stored)
+
+
+def eval_loader(model: nn.Module, data: DataSet, device: torch.device, batch: int = 500):
+    from compress.data import TensorLoader
+
+    return TensorLoader(data.test, batch, data.mean, data.std, device)
+
+
+@torch.no_grad()
+def logits_on(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    outs, labels = [], []
+    for x, y in loader:
+        outs.append(model(x).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(outs), torch.cat(labels)
+
+
+def run_fuse(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Fold the BNs of checkpoint `cfg["ckpt"]`, prove the result equivalent, save fused.pt."""
+    import copy
+
+    from compress.checkpoint import save_checkpoint
+    from compress.fuse import count_bn, fuse_bn_
+    from compress.metrics import latency_ms
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.get("ckpt"):
+        raise ConfigError("ckpt is required: python fuse.py ckpt=RUN/best.pt")
+    state = load_checkpoint(cfg["ckpt"])
+    if state.get("fused"):
+        raise CheckpointError(f"{cfg['ckpt']} is already fused")
+    model = model_from_checkpoint(state)
+    if count_bn(model) == 0:
+        raise CheckpointError(f"{cfg['ckpt']} has no BatchNorm layers to fuse")
+    seed = int(cfg.get("seed", 0))
+    data = load_data(source_dataset_cfg(cfg, state), seed)
+    device = resolve_device(cfg.get("device", "cpu"))
+    model.to(device).eval()
+    loader = eval_loader(model, data, device)
+    before_logits, labels = logits_on(model, loader)
+    before = model_metrics(model, data)
+    fused = copy.deepcopy(model)
+    plan = fuse_bn_(fused)
+    after_logits, _ = logits_on(fused, loader)
+    after = model_metrics(fused, data)
+    shape = tuple(data.test.images.shape[1:])
+    lat = {}
+    for tag, m in (("before", model), ("after", fused)):
+        for bs in (1, 64):
+            lat[f"latency_ms_bs{bs}_{tag}"] = latency_ms(m, shape, batch_size=bs, reps=10)
+    pred_b, pred_a = before_logits.argmax(1), after_logits.argmax(1)
+    metrics = {
+        "model": model.arch["name"],
+        "dataset": data.name,
+        "quant": (state.get("quant") or {}).get("name", "fp32"),
+        "images": len(labels),
+        "max_abs_diff": (before_logits - after_logits).abs().max().item(),
+        "top1_agreement": 100.0 * (pred_b == pred_a).float().mean().item(),
+        "test_acc_before": 100.0 * (pred_b == labels).float().mean().item(),
+        "test_acc": 100.0 * (pred_a == labels).float().mean().item(),
+        "bn_before": count_bn(model),
+        "bn_after": count_bn(fused),
+        "folds": [[f.conv, f.bn, f.mode] for f in plan.folds],
+        "kept_bn": plan.skipped,
+        "params_before": before["params"],
+        "size_bytes_before": before["size_bytes"],
+        **after,
+        **lat,
+    }
+    metrics["best_test_acc"] = metrics["test_acc"]
+    save_checkpoint(
+        run_dir / "fused.pt",
+        {
+            "arch": model.arch,
+            "model": fused.state_dict(),
+            "quant": state.get("quant"),
+            "fused": fused.fused,
+            "dataset": data.name,
+            "config": state.get("config"),
+            "test_acc": metrics["test_acc"],
+        },
+    )
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def fuse_table(m: dict[str, Any]) -> str:
+    """The before / after comparison as a small text table."""
+    rows = [
+        ("test accuracy (%)", f"{m['test_acc_before']:.2f}", f"{m['test_acc']:.2f}"),
+        ("BatchNorm layers", m["bn_before"], m["bn_after"]),
+        ("params", m["params_before"], m["params"]),
+        ("size (bytes)", m["size_bytes_before"], m["size_bytes"]),
+        (
+            "latency bs=1 (ms)",
+            f"{m['latency_ms_bs1_before']:.2f}",
+            f"{m['latency_ms_bs1_after']:.2f}",
+        ),
+        (
+            "latency bs=64 (ms)",
+            f"{m['latency_ms_bs64_before']:.1f}",
+            f"{m['latency_ms_bs64_after']:.1f}",
+        ),
+    ]
+    lines = [f"{'':22s}{'before':>14s}{'after':>14s}"]
+    lines += [f"{k:22s}{str(b):>14s}{str(a):>14s}" for k, b, a in rows]
+    lines.append(
+        f"max |logit diff| {m['max_abs_diff']:.2e} over {m['images']} test images, "
+        f"top-1 agreement {m['top1_agreement']:.2f}%"
+    )
+    return "\n".join(lines)
+
+
+def run_prune(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Prune checkpoint `cfg["ckpt"]` as `cfg["pruner"]` says; save the thinned `pruned.pt`."""
+    from compress.checkpoint import save_checkpoint
+    from compress.engine import evaluate
+    from compress.prune import prunable_units, select_channels, thin
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.get("ckpt"):
+        raise ConfigError("ckpt is required: python prune.py ckpt=RUN/best.pt")
+    p = dict(cfg["pruner"])
+    kind = p.get("name", "normal")
+    from compress.prune.pruner import validate as validate_pruner
+
+    validate_pruner(kind, p.get("percent", 0.5), p.get("base", 1), p.get("min_channels"))
+    state = load_checkpoint(cfg["ckpt"])
+    if state.get("fused"):
+        raise CheckpointError(f"{cfg['ckpt']} is fused (no BN left): prune before fusing")
+    model = model_from_checkpoint(state, quantized=False)
+    data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
+    device = resolve_device(cfg.get("device", "cpu"))
+    keep = select_channels(model, kind, p.get("percent", 0.5), p.get("base", 1),
+                           p.get("min_channels"))  # fmt: skip
+    small = thin(model, keep)
+    quant = state.get("quant")
+    before, after = model_metrics(model, data), model_metrics(small, data)
+    accs = {}
+    for tag, m in (("before", model), ("after", small)):
+        if quant:
+            m = quantize_(copy_model(m), quant)
+        m.to(device)
+        accs[tag] = evaluate(m, eval_loader(m, data, device))["acc"]
+    channels_before = [u.channels for u in prunable_units(model)]
+    metrics = {
+        "model": model.arch["name"],
+        "dataset": data.name,
+        "pruner": kind,
+        "percent": p.get("percent", 0.5),
+        "base": p.get("base", 1),
+        "channels_before": channels_before,
+        "channels": [len(k) for k in keep],
+        "test_acc_before": accs["before"],
+        "test_acc": accs["after"],
+        "best_test_acc": accs["after"],
+        "params_before": before["params"],
+        "macs_before": before["macs"],
+        "size_bytes_before": before["size_bytes"],
+        **after,
+        "params_ratio": after["params"] / before["params"],
+        "macs_ratio": after["macs"] / before["macs"],
+    }
+    save_checkpoint(run_dir / "pruned.pt", {
+        "arch": small.arch, "model": small.state_dict(), "quant": quant, "dataset": data.name,
+        "config": state.get("config"), "pruned_from": str(cfg["ckpt"]),
+        "test_acc": accs["after"],
+    })  # fmt: skip
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)

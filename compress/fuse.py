@@ -27,8 +27,19 @@ from compress.quant.quantizers import BinaryAct, BinaryWeight, TernaryWeight
 
 log = logging.getLogger(__name__)
 
-_LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d, Activation, ChannelShuffle,
-           Shortcut, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_LEAVES = (
+    nn.Conv2d,
+    nn.Linear,
+    nn.BatchNorm2d,
+    nn.BatchNorm1d,
+    Activation,
+    ChannelShuffle,
+    Shortcut,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
 _BIG = 1e30  # bias of a channel whose BN has gamma = 0: its sign never changes
 
 

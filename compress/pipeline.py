@@ -1,13 +1,15 @@
 """Multi-stage runs: `schedule.stages` lists stages that run in order in one run directory.
 
 Each stage writes its own subfolder `NN_name/` (checkpoints, metrics.json, TensorBoard) and
-starts from the previous stage's `best.pt`. A stage is a string (its kind) or a dict:
+starts from the checkpoint the previous stage produced (`best.pt`, `pruned.pt`, `fused.pt`).
+A stage is a string (its kind) or a dict:
 
     {stage: quantize, name: w4a4, epochs: 10, lr: 0.01, quant: {weight: {bits: 4}}}
 
-`stage` is the kind, `name` the folder label, `quant` / `model` / `dataset` entries are merged
-into those groups, and every other key overrides `schedule`. With `resume=true`, finished
-stages (those with a stage.json) are skipped and the interrupted one continues.
+`stage` is the kind, `name` the folder label; `quant`, `model`, `dataset`, `pruner` and
+`sparsity` entries are merged into those groups, and every other key overrides `schedule`.
+With `resume=true`, finished stages (those with a stage.json) are skipped and the interrupted
+one continues from its last.pt.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from compress.experiment import run_training
 
 log = logging.getLogger(__name__)
 
-GROUP_KEYS = ("quant", "model", "dataset")
-
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
@@ -40,13 +40,36 @@ def _train_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
     return stage_dir / "best.pt"
 
 
+def _sparse_train_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
+    cfg = _merge(cfg, {"sparsity": {"enabled": True}})
+    return _train_stage(cfg, stage_dir)
+
+
+def _prune_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
+    from compress.experiment import run_prune
+
+    run_prune({**cfg, "ckpt": cfg["init_from"]}, stage_dir)
+    return stage_dir / "pruned.pt"
+
+
+def _fuse_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
+    from compress.experiment import run_fuse
+
+    run_fuse({**cfg, "ckpt": cfg["init_from"]}, stage_dir)
+    return stage_dir / "fused.pt"
+
+
 # A stage runner takes the stage's config and folder and returns the checkpoint it produced.
 STAGE_KINDS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "train": _train_stage,  # from init_from when given, else from scratch
+    "sparse_train": _sparse_train_stage,  # train with L1 on BN scales (network slimming)
+    "prune": _prune_stage,  # thin the previous stage's model (pruner group)
     "finetune": _train_stage,  # from the previous stage
     "quantize": _train_stage,  # from the previous stage, with this stage's quant config
+    "fuse": _fuse_stage,  # fold BNs of the previous stage's model
 }
-NEEDS_INPUT = {"finetune", "quantize"}
+NEEDS_INPUT = {"prune", "finetune", "quantize", "fuse"}
+GROUP_KEYS = ("quant", "model", "dataset", "pruner", "sparsity")
 
 
 def register_stage(
@@ -63,7 +86,7 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     stages = cfg["schedule"].get("stages") or []
     base = copy.deepcopy(cfg)
     base["schedule"] = {k: v for k, v in base["schedule"].items() if k != "stages"}
-    out, have_weights = [], bool(cfg.get("init_from"))
+    out, have_weights = [], bool(cfg.get("init_from") or cfg.get("refine"))
     for i, spec in enumerate(stages):
         spec = {"stage": spec} if isinstance(spec, str) else dict(spec)
         kind = spec.pop("stage", None)
@@ -76,7 +99,7 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             )
         groups = {k: spec.pop(k) for k in GROUP_KEYS if k in spec}
         stage_cfg = _merge(base, {**groups, "schedule": spec})
-        stage_cfg["resume"] = False
+        stage_cfg["resume"], stage_cfg["refine"] = False, None
         out.append((kind, f"{i:02d}_{name}", stage_cfg))
         have_weights = True
     return out
@@ -88,7 +111,8 @@ def run_pipeline(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     if not cfg["schedule"].get("stages"):
         return run_training(cfg, run_dir)
     stages = plan(cfg)
-    previous: Path | None = Path(cfg["init_from"]) if cfg.get("init_from") else None
+    first = cfg.get("init_from") or cfg.get("refine")
+    previous: Path | None = Path(first) if first else None
     results = []
     for kind, folder, stage_cfg in stages:
         stage_dir = run_dir / folder

@@ -20,11 +20,16 @@ def tiny_cfg(**schedule) -> dict:
         "resume": False,
         "init_from": None,
         "model": {"name": "resnet20", "channels": [4] * 9},
-        "dataset": {"name": "synthetic", "num_train": 64, "num_test": 32, "crop_padding": 2,
-                    "flip": True},
+        "dataset": {
+            "name": "synthetic",
+            "num_train": 64,
+            "num_test": 32,
+            "crop_padding": 2,
+            "flip": True,
+        },
         "quant": {"weight": {"kind": "fp32"}, "act": {"kind": "fp32"}},
         "schedule": {"epochs": 3, "batch_size": 16, "lr": 0.05, "progress": False, **schedule},
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(

@@ -54,8 +54,11 @@ def test_train_mode_is_switched_to_eval_with_a_notice(caplog):
 
 def signs_of(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(o.clone()))
-             for m in model.modules() if isinstance(m, Activation)]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: seen.append(o.clone()))
+        for m in model.modules()
+        if isinstance(m, Activation)
+    ]
     model(x)
     for h in hooks:
         h.remove()
@@ -85,8 +88,9 @@ def test_binary_activation_fusion_keeps_every_sign(weights):
 def test_binary_fusion_near_the_threshold():
     torch.manual_seed(2)
     block = ConvBlock(8, 6, 3)
-    quantize_(block, {"weight": {"kind": "binary"}, "act": {"kind": "binary"},
-                      "keep_first_last": False})  # fmt: skip
+    quantize_(
+        block, {"weight": {"kind": "binary"}, "act": {"kind": "binary"}, "keep_first_last": False}
+    )
     block.eval()
     x = torch.randn(2, 8, 6, 6)
     y = block.conv(x)

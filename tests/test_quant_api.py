@@ -62,10 +62,12 @@ def test_keep_layers_by_name_and_unknown_name():
     assert isinstance(model.layers[0].conv1, nn.Conv2d)
     assert not isinstance(model.layers[0].conv1, QConv2d)
     assert isinstance(model.layers[0].conv2, QConv2d) and not isinstance(model.fc, QLinear)
-    with pytest.raises(ConfigError, match="quant.keep: the model has no conv or linear layer "
-                                          "named 'layers.0.nope'"):
-        quantize_(create_model("resnet20"), {"weight": {"kind": "binary"},
-                                             "keep": ["layers.0.nope"]})
+    with pytest.raises(
+        ConfigError, match="quant.keep: the model has no conv or linear layer named 'layers.0.nope'"
+    ):
+        quantize_(
+            create_model("resnet20"), {"weight": {"kind": "binary"}, "keep": ["layers.0.nope"]}
+        )
 
 
 @pytest.mark.parametrize(

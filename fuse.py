@@ -1,0 +1,27 @@
+"""Fold BatchNorm into the layers before it and prove the result equivalent:
+`python fuse.py ckpt=RUN/best.pt [dataset=NAME] hydra.run.dir=DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from compress.cli import user_errors
+from compress.experiment import fuse_table, run_fuse
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="fuse")
+def main(cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors():
+        metrics = run_fuse(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        print(fuse_table(metrics))
+        print(f"fused checkpoint: {run_dir / 'fused.pt'}")
+        return metrics["test_acc"]
+
+
+if __name__ == "__main__":
+    main()

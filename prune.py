@@ -1,0 +1,37 @@
+"""Prune a trained model by network slimming and save the physically smaller one:
+`python prune.py ckpt=RUN/best.pt pruner=regular pruner.percent=0.5 pruner.base=16`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from compress.cli import user_errors
+from compress.experiment import run_prune
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="prune")
+def main(cfg: DictConfig) -> float:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with user_errors():
+        m = run_prune(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        print(f"channels {m['channels_before']} -> {m['channels']}")
+        print(
+            f"params {m['params_before']} -> {m['params']} ({100 * m['params_ratio']:.1f}%), "
+            f"MACs {m['macs_before']} -> {m['macs']} ({100 * m['macs_ratio']:.1f}%)"
+        )
+        print(
+            f"test accuracy {m['test_acc_before']:.2f}% -> {m['test_acc']:.2f}% (before finetuning)"
+        )
+        print(
+            f"pruned checkpoint: {run_dir / 'pruned.pt'}  finetune with: "
+            f"python train.py model={m['model']} init_from={run_dir / 'pruned.pt'}"
+        )
+        return m["test_acc"]
+
+
+if __name__ == "__main__":
+    main()
