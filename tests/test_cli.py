@@ -95,3 +95,109 @@ def test_resume_continues_a_finished_cli_run(cli, tmp_path):
     state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["epoch"] == 2 and len(state["history"]) == 2
     assert not torch.equal(first["fc.weight"], state["model"]["fc.weight"])
+
+
+def test_fuse_cli_end_to_end(cli, tmp_path):
+    train = tmp_path / "train"
+    assert (
+        cli(
+            "train.py",
+            *TINY,
+            "model=nin",
+            "model.channels=[16,16,16,16,16,16,16,16]",
+            f"hydra.run.dir={train}",
+        ).returncode
+        == 0
+    )
+    out = tmp_path / "fused"
+    proc = cli("fuse.py", f"ckpt={train}/best.pt", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "max |logit diff|" in proc.stdout and "latency bs=64" in proc.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["max_abs_diff"] < 1e-4 and m["top1_agreement"] == 100.0
+    assert m["bn_before"] == 9 and m["bn_after"] == 0
+    for key in (
+        "test_acc_before",
+        "test_acc",
+        "params",
+        "size_bytes",
+        "latency_ms_bs1_before",
+        "latency_ms_bs1_after",
+        "latency_ms_bs64_before",
+        "latency_ms_bs64_after",
+    ):
+        assert key in m
+    from compress.checkpoint import load_checkpoint, model_from_checkpoint
+
+    fused = model_from_checkpoint(load_checkpoint(out / "fused.pt"))
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in fused.modules())
+
+
+def test_fuse_cli_refuses_a_model_without_bn(cli, tmp_path):
+    out = tmp_path / "f"
+    train = tmp_path / "t"
+    assert (
+        cli(
+            "train.py",
+            *TINY,
+            "model=resnet20",
+            "model.channels=[4,4,4,4,4,4,4,4,4]",
+            f"hydra.run.dir={train}",
+        ).returncode
+        == 0
+    )
+    assert cli("fuse.py", f"ckpt={train}/best.pt", f"hydra.run.dir={out}").returncode == 0
+    proc = cli("fuse.py", f"ckpt={out}/fused.pt", f"hydra.run.dir={tmp_path}/again")
+    assert_clean_error(proc, "is already fused")
+
+
+def test_quantized_training_via_group_and_overrides(cli, tmp_path):
+    proc = cli("train.py", *TINY, "model=resnet20", "quant=w2a2", f"hydra.run.dir={tmp_path}/a")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert (m["quant"], m["w_bits"], m["a_bits"]) == ("w2a2", 2, 2)
+    assert m["size_bytes"] < 0.2 * 4 * m["params"]
+    proc = cli(
+        "train.py",
+        *TINY,
+        "model=resnet20",
+        "quant.weight.kind=ternary",
+        "quant.act.kind=dorefa",
+        "quant.act.bits=4",
+        f"hydra.run.dir={tmp_path}/b",
+    )
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (m["w_bits"], m["a_bits"]) == (2, 4)
+    state = torch.load(tmp_path / "b" / "best.pt", weights_only=True)
+    assert state["quant"]["weight"]["kind"] == "ternary"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["quant.weight.kind=dorefa", "quant.weight.bits=1"], "quant.weight.bits=1 is invalid"),
+        (["quant.act.kind=int4"], "quant.act.kind='int4' is invalid: expected one of"),
+        (["quant.act.grad=fast_ste"], "quant.act.grad='fast_ste' is invalid"),
+        (["quant=wta32", "quant.weight.gap=0"], "quant.weight.gap=0 is invalid"),
+        (["quant=w4a4", "quant.keep=[layers.99.conv1]"], "quant.keep: the model has no"),
+    ],
+)
+def test_bad_quant_config_is_one_clear_line(cli, tmp_path, overrides, fragment):
+    proc = cli("train.py", *TINY, "model=resnet20", *overrides, f"hydra.run.dir={tmp_path}")
+    assert_clean_error(proc, fragment)
+
+
+def test_multirun_sweep(cli, tmp_path):
+    proc = cli(
+        "train.py",
+        "-m",
+        *TINY,
+        "model=resnet20,vgg_small",
+        "quant=fp32,w4a4",
+        "schedule.batch_size=32",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))
+    assert len(runs) == 4

@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compress import engine
+from compress.checkpoint import load_checkpoint
+from compress.errors import ConfigError
+from compress.pipeline import plan, run_pipeline
+from tests.test_engine import tiny_cfg
+
+
+def staged(*stages, **schedule) -> dict:
+    cfg = tiny_cfg(epochs=1, **schedule)
+    cfg["model"] = {"name": "vgg_small", "channels": [8, 8, 16, 16, 16, 16]}
+    cfg["pruner"] = {"name": "normal", "percent": 0.5, "base": 1, "min_channels": None}
+    cfg["schedule"]["stages"] = list(stages)
+    return cfg
+
+
+def test_two_stage_train_then_prune(tmp_path):
+    summary = run_pipeline(staged("train", "prune"), tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"00_train", "01_prune", "metrics.json"}
+    assert (tmp_path / "00_train" / "best.pt").exists()
+    assert (tmp_path / "01_prune" / "pruned.pt").exists()
+    assert summary["stages"][1]["params"] < summary["stages"][0]["params"]
+
+
+def test_three_stage_train_prune_quantize(tmp_path):
+    quant = {
+        "name": "w4a4",
+        "weight": {"kind": "dorefa", "bits": 4},
+        "act": {"kind": "dorefa", "bits": 4},
+    }
+    run_pipeline(
+        staged("train", "prune", {"stage": "quantize", "quant": quant, "lr": 0.01}), tmp_path
+    )
+    q = tmp_path / "02_quantize"
+    for f in ("best.pt", "last.pt", "metrics.json", "tb"):
+        assert (q / f).exists()
+    state = load_checkpoint(q / "best.pt")
+    pruned = load_checkpoint(tmp_path / "01_prune" / "pruned.pt")
+    assert state["quant"]["weight"]["bits"] == 4
+    assert state["arch"]["channels"] == pruned["arch"]["channels"]  # stays pruned
+    m = json.loads((q / "metrics.json").read_text())
+    assert (m["w_bits"], m["a_bits"]) == (4, 4)
+
+
+def test_fuse_stage_after_quantization(tmp_path):
+    quant = {"name": "wbab", "weight": {"kind": "binary"}, "act": {"kind": "binary"}}
+    summary = run_pipeline(staged("train", {"stage": "quantize", "quant": quant}, "fuse"), tmp_path)
+    fuse = summary["stages"][-1]
+    assert fuse["bn_after"] == 0 and fuse["top1_agreement"] == 100.0
+
+
+def test_nonsensical_order_is_refused():
+    with pytest.raises(ConfigError, match=r"schedule.stages\[0\]=prune needs trained weights"):
+        plan(staged("prune", "train"))
+    with pytest.raises(ConfigError, match=r"schedule.stages\[1\].stage='compress'"):
+        plan(staged("train", "compress"))
+
+
+def test_interrupted_pipeline_resumes_where_it_stopped(tmp_path, monkeypatch):
+    cfg = staged("train", "prune", {"stage": "finetune", "epochs": 2})
+    calls = {"n": 0}
+    real = engine.evaluate
+
+    def interrupt_second_finetune_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # train: 1 eval, prune: 2 evals, finetune: epoch 1 ok, epoch 2 dies
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", interrupt_second_finetune_epoch)
+    monkeypatch.setattr(
+        "compress.experiment.evaluate", interrupt_second_finetune_epoch, raising=False
+    )
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "01_prune" / "stage.json").exists()
+    assert not (tmp_path / "02_finetune" / "stage.json").exists()
+    assert load_checkpoint(tmp_path / "02_finetune" / "last.pt")["epoch"] == 1
+    train_ckpt = (tmp_path / "00_train" / "best.pt").stat().st_mtime_ns
+    summary = run_pipeline({**cfg, "resume": True}, tmp_path)
+    assert (tmp_path / "00_train" / "best.pt").stat().st_mtime_ns == train_ckpt  # skipped
+    last = load_checkpoint(tmp_path / "02_finetune" / "last.pt")
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+    assert summary["stages"][-1]["kind"] == "finetune"
+    assert torch.is_tensor(last["model"]["classifier.weight"])
