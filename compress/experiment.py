@@ -6,6 +6,7 @@ Takes the composed config as a dict (no Hydra here) and a run directory, and wri
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -14,14 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.checkpoint import load_checkpoint, model_from_checkpoint
+from compress.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from compress.cli import write_json
-from compress.data import DataSet, load_dataset
-from compress.engine import Callback, TrainConfig, fit
+from compress.data import DataSet, TensorLoader, load_dataset
+from compress.engine import Callback, TrainConfig, evaluate, fit
 from compress.errors import CheckpointError, ConfigError, check_choice
-from compress.metrics import count_macs, count_params, size_bytes
+from compress.fuse import count_bn, fuse_bn_
+from compress.metrics import count_macs, count_params, latency_ms, size_bytes
 from compress.models import create_model
-from compress.quant import bit_widths, is_quantized, quant_callbacks, quantize_
+from compress.prune import BNSparsity, prunable_units, select_channels, thin
+from compress.prune.pruner import validate as validate_pruner
+from compress.quant import bit_widths, is_quantized, quant_callbacks, quant_label, quantize_
 from compress.quant.api import validate as validate_quant
 
 log = logging.getLogger(__name__)
@@ -121,8 +125,6 @@ def run_training(
 
     sparsity = dict(cfg.get("sparsity") or {})
     if sparsity.get("enabled"):
-        from compress.prune import BNSparsity
-
         callbacks = [BNSparsity(model, float(sparsity.get("s", 1e-4))), *(callbacks or [])]
     if is_quantized(quant_cfg):
         quantize_(model, quant_cfg)
@@ -154,13 +156,14 @@ def run_training(
     metrics = {
         "model": model.arch["name"],
         "dataset": data.name,
-        "quant": quant_cfg.get("name", "fp32"),
+        "quant": quant_label(quant_cfg),
         "w_bits": bit_widths(model)[0],
         "a_bits": bit_widths(model)[1],
         "test_acc": summary["test_acc"],
         "best_test_acc": summary["best_test_acc"],
         "epochs": summary["epochs"],
         **model_metrics(model, data),
+        "latency_ms": latency_ms(model, tuple(data.test.images.shape[1:]), batch_size=1, reps=10),
         "wall_s": summary["wall_s"],
         "run_wall_s": time.perf_counter() - t_start,
         "history": summary["history"],
@@ -188,9 +191,7 @@ def source_dataset_cfg(cfg: dict[str, Any], state: dict[str, Any]) -> dict[str, 
     return dict(stored)
 
 
-def eval_loader(model: nn.Module, data: DataSet, device: torch.device, batch: int = 500):
-    from compress.data import TensorLoader
-
+def eval_loader(data: DataSet, device: torch.device, batch: int = 500) -> TensorLoader:
     return TensorLoader(data.test, batch, data.mean, data.std, device)
 
 
@@ -204,21 +205,26 @@ def logits_on(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(outs), torch.cat(labels)
 
 
-def run_fuse(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
-    """Fold the BNs of checkpoint `cfg["ckpt"]`, prove the result equivalent, save fused.pt."""
-    import copy
-
-    from compress.checkpoint import save_checkpoint
-    from compress.fuse import count_bn, fuse_bn_
-    from compress.metrics import latency_ms
-
+def source_checkpoint(
+    cfg: dict[str, Any], run_dir: str | Path, script: str
+) -> tuple[Path, dict[str, Any]]:
+    """Create the run directory and load the unfused checkpoint that `ckpt` names."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.get("ckpt"):
-        raise ConfigError("ckpt is required: python fuse.py ckpt=RUN/best.pt")
+        raise ConfigError(f"ckpt is required: python {script} ckpt=RUN/best.pt")
     state = load_checkpoint(cfg["ckpt"])
     if state.get("fused"):
-        raise CheckpointError(f"{cfg['ckpt']} is already fused")
+        raise CheckpointError(
+            f"{cfg['ckpt']} is already fused: {script} needs a checkpoint "
+            "that still has its BN layers"
+        )
+    return run_dir, state
+
+
+def run_fuse(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Fold the BNs of checkpoint `cfg["ckpt"]`, prove the result equivalent, save fused.pt."""
+    run_dir, state = source_checkpoint(cfg, run_dir, "fuse.py")
     model = model_from_checkpoint(state)
     if count_bn(model) == 0:
         raise CheckpointError(f"{cfg['ckpt']} has no BatchNorm layers to fuse")
@@ -226,7 +232,7 @@ def run_fuse(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     data = load_data(source_dataset_cfg(cfg, state), seed)
     device = resolve_device(cfg.get("device", "cpu"))
     model.to(device).eval()
-    loader = eval_loader(model, data, device)
+    loader = eval_loader(data, device)
     before_logits, labels = logits_on(model, loader)
     before = model_metrics(model, data)
     fused = copy.deepcopy(model)
@@ -242,7 +248,7 @@ def run_fuse(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     metrics = {
         "model": model.arch["name"],
         "dataset": data.name,
-        "quant": (state.get("quant") or {}).get("name", "fp32"),
+        "quant": quant_label(state.get("quant")),
         "images": len(labels),
         "max_abs_diff": (before_logits - after_logits).abs().max().item(),
         "top1_agreement": 100.0 * (pred_b == pred_a).float().mean().item(),
@@ -303,36 +309,25 @@ def fuse_table(m: dict[str, Any]) -> str:
 
 def run_prune(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """Prune checkpoint `cfg["ckpt"]` as `cfg["pruner"]` says; save the thinned `pruned.pt`."""
-    from compress.checkpoint import save_checkpoint
-    from compress.engine import evaluate
-    from compress.prune import prunable_units, select_channels, thin
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.get("ckpt"):
-        raise ConfigError("ckpt is required: python prune.py ckpt=RUN/best.pt")
     p = dict(cfg["pruner"])
     kind = p.get("name", "normal")
-    from compress.prune.pruner import validate as validate_pruner
-
     validate_pruner(kind, p.get("percent", 0.5), p.get("base", 1), p.get("min_channels"))
-    state = load_checkpoint(cfg["ckpt"])
-    if state.get("fused"):
-        raise CheckpointError(f"{cfg['ckpt']} is fused (no BN left): prune before fusing")
+    run_dir, state = source_checkpoint(cfg, run_dir, "prune.py")
     model = model_from_checkpoint(state, quantized=False)
     data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
     device = resolve_device(cfg.get("device", "cpu"))
-    keep = select_channels(model, kind, p.get("percent", 0.5), p.get("base", 1),
-                           p.get("min_channels"))  # fmt: skip
+    keep = select_channels(
+        model, kind, p.get("percent", 0.5), p.get("base", 1), p.get("min_channels")
+    )
     small = thin(model, keep)
     quant = state.get("quant")
     before, after = model_metrics(model, data), model_metrics(small, data)
     accs = {}
     for tag, m in (("before", model), ("after", small)):
         if quant:
-            m = quantize_(copy_model(m), quant)
+            m = quantize_(copy.deepcopy(m), quant)
         m.to(device)
-        accs[tag] = evaluate(m, eval_loader(m, data, device))["acc"]
+        accs[tag] = evaluate(m, eval_loader(data, device))["acc"]
     channels_before = [u.channels for u in prunable_units(model)]
     metrics = {
         "model": model.arch["name"],
@@ -352,16 +347,17 @@ def run_prune(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         "params_ratio": after["params"] / before["params"],
         "macs_ratio": after["macs"] / before["macs"],
     }
-    save_checkpoint(run_dir / "pruned.pt", {
-        "arch": small.arch, "model": small.state_dict(), "quant": quant, "dataset": data.name,
-        "config": state.get("config"), "pruned_from": str(cfg["ckpt"]),
-        "test_acc": accs["after"],
-    })  # fmt: skip
+    save_checkpoint(
+        run_dir / "pruned.pt",
+        {
+            "arch": small.arch,
+            "model": small.state_dict(),
+            "quant": quant,
+            "dataset": data.name,
+            "config": state.get("config"),
+            "pruned_from": str(cfg["ckpt"]),
+            "test_acc": accs["after"],
+        },
+    )
     write_json(run_dir / "metrics.json", metrics)
     return metrics
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)

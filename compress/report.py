@@ -1,4 +1,4 @@
-"""Collect the metrics.json of many runs into results.csv and results.md.
+"""Collect the metrics.json of many runs into results.csv, results.md and tradeoff.png.
 
     python -m compress.report DIR      # every run below DIR (a sweep, or any folder of runs)
 
@@ -29,6 +29,7 @@ COLUMNS = [
     "macs",
     "size_bytes",
     "compression_pct",
+    "latency_ms",
     "epochs",
     "wall_s",
 ]
@@ -52,6 +53,7 @@ def _row(run: Path, root: Path, m: dict[str, Any]) -> dict[str, Any]:
         "params": m.get("params"),
         "macs": m.get("macs"),
         "size_bytes": m.get("size_bytes"),
+        "latency_ms": m.get("latency_ms"),
         "epochs": m.get("epochs"),
         "wall_s": m.get("wall_s"),
     }
@@ -102,7 +104,42 @@ def write_report(root: str | Path) -> list[dict[str, Any]]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     (root / "results.md").write_text("\n".join(lines) + "\n")
+    plot_tradeoff(rows, root / "tradeoff.png")
     return rows
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy against model size, one labelled point per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r["test_acc"] is not None and r["size_bytes"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for model in sorted({r["model"] for r in pts}):
+        mine = [r for r in pts if r["model"] == model]
+        ax.scatter(
+            [r["size_bytes"] / 1024 for r in mine], [r["test_acc"] for r in mine], label=model
+        )
+        for r in mine:
+            ax.annotate(
+                r["quant"] + ("+pruned" if r["pruned"] == "yes" else ""),
+                (r["size_bytes"] / 1024, r["test_acc"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("weight storage (KiB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy / size trade-off")
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 class SweepReport:
@@ -126,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = write_report(argv[0])
     print((Path(argv[0]) / "results.md").read_text(), end="")
-    print(f"{len(rows)} runs -> {argv[0]}/results.csv, results.md")
+    print(f"{len(rows)} runs -> {argv[0]}/results.csv, results.md, tradeoff.png")
     return 0
 
 

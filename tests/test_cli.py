@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
 
 
 def assert_clean_error(proc, *fragments: str) -> None:
@@ -201,3 +203,31 @@ def test_multirun_sweep(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     runs = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))
     assert len(runs) == 4
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 5 and (tmp_path / "tradeoff.png").stat().st_size > 5000
+    assert "sweep report: 4 runs" in proc.stdout
+    first = (tmp_path / "results.csv").read_text()
+    report = subprocess.run(
+        [sys.executable, "-m", "compress.report", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert report.returncode == 0 and (tmp_path / "results.csv").read_text() == first
+
+
+def test_progressive_quantization_experiment(cli, tmp_path):
+    proc = cli(
+        "train.py",
+        "experiment=progressive",
+        *TINY,
+        "model.channels=[4,4,4,4,4,4,4,4,4]",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    stages = json.loads((tmp_path / "metrics.json").read_text())["stages"]
+    assert [s["quant"] for s in stages] == ["fp32", "w8a8", "w4a4", "w2a2", "wtab"]
+    assert [s["w_bits"] for s in stages] == [32, 8, 4, 2, 2]
+    assert stages[-1]["a_bits"] == 1
+    cfg = torch.load(tmp_path / "02_w4a4" / "best.pt", weights_only=True)["config"]
+    assert cfg["init_from"].endswith("01_w8a8/best.pt")  # each stage from the previous best

@@ -74,9 +74,7 @@ def test_interrupted_pipeline_resumes_where_it_stopped(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "evaluate", interrupt_second_finetune_epoch)
-    monkeypatch.setattr(
-        "compress.experiment.evaluate", interrupt_second_finetune_epoch, raising=False
-    )
+    monkeypatch.setattr("compress.experiment.evaluate", interrupt_second_finetune_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, tmp_path)
     monkeypatch.undo()

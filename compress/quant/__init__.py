@@ -1,6 +1,13 @@
 """Quantization-aware training: quantizers, quantized layers, and `quantize_`."""
 
-from compress.quant.api import bit_widths, is_quantized, quant_callbacks, quantize_, to_float
+from compress.quant.api import (
+    bit_widths,
+    is_quantized,
+    quant_callbacks,
+    quant_label,
+    quantize_,
+    to_float,
+)
 from compress.quant.modules import QConv2d, QLinear
 from compress.quant.quantizers import act_quantizer, weight_quantizer
 
@@ -11,6 +18,7 @@ __all__ = [
     "bit_widths",
     "is_quantized",
     "quant_callbacks",
+    "quant_label",
     "quantize_",
     "to_float",
     "weight_quantizer",

@@ -101,6 +101,19 @@ def to_float(model: nn.Module) -> nn.Module:
     return model
 
 
+def quant_label(cfg: dict[str, Any] | None) -> str:
+    """A short name derived from the settings themselves: fp32, w4a4, wbab, wta32, ..."""
+    if not is_quantized(cfg):
+        return "fp32"
+    short = {"fp32": "32", "ternary": "t", "binary": "b"}
+
+    def part(c: dict[str, Any]) -> str:
+        kind = c.get("kind", "fp32")
+        return str(c.get("bits")) if kind == "dorefa" else short[kind]
+
+    return f"w{part(dict(cfg.get('weight') or {}))}a{part(dict(cfg.get('act') or {}))}"
+
+
 def bit_widths(model: nn.Module) -> tuple[int, int]:
     """(weight bits, activation bits) of the quantized part of the model (32 when float)."""
     w = [m.weight_bits for m in model.modules() if isinstance(m, QConv2d | QLinear)]
