@@ -50,16 +50,30 @@ def surrogate_grad(x: torch.Tensor, mode: str, lo: float, hi: float, span: float
 
 
 class _SurrogateGrad(torch.autograd.Function):
+    """Saves only what the backward needs: nothing (ste), a bool mask (saturate_ste, a quarter
+    of the memory of x), or the multiplier itself (soft_ste)."""
+
     @staticmethod
     def forward(ctx, x, q, mode, lo, hi, span):  # type: ignore[override]
-        ctx.save_for_backward(x)
-        ctx.args = (mode, lo, hi, span)
+        ctx.mode = mode
+        if mode == "saturate_ste":
+            c, h = (lo + hi) / 2, (hi - lo) / 2
+            ctx.save_for_backward((x - c).abs_() <= h if c else x.abs() <= h)
+        elif mode == "soft_ste":
+            ctx.save_for_backward(surrogate_grad(x, mode, lo, hi, span))
+        elif mode != "ste":
+            surrogate_grad(x, mode, lo, hi, span)  # raises: unknown mode
         return q
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return grad * surrogate_grad(x, *ctx.args), None, None, None, None, None
+        if ctx.mode == "ste":
+            out = grad
+        elif ctx.mode == "saturate_ste":
+            out = grad.masked_fill(~ctx.saved_tensors[0], 0.0)
+        else:
+            out = grad * ctx.saved_tensors[0]
+        return out, None, None, None, None, None
 
 
 def with_surrogate_grad(
@@ -111,7 +125,7 @@ def binary_weight(w: torch.Tensor, scale: bool = True, center: bool = False) -> 
 def dorefa_act(x: torch.Tensor, bits: int, grad: str = "saturate_ste") -> torch.Tensor:
     """clip(x, 0, 1) quantized to 2^k levels."""
     n = float(2**bits - 1)
-    q = torch.round(x.detach().clamp(0, 1) * n) / n
+    q = x.detach().clamp(0, 1).mul_(n).round_().div_(n)  # in place: one buffer, not four
     return with_surrogate_grad(x, q, grad, 0.0, 1.0, 1.0)
 
 
