@@ -1,0 +1,286 @@
+"""Data sets as uint8 image tensors in memory, read from their standard on-disk layouts.
+
+Every loader returns a `Split` pair (train, test). Images are kept as uint8 (N, C, H, W) so a
+whole CIFAR-10 costs 180 MB, and augmentation runs batched on tensors (see `loader.py`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress.errors import DataError, check, check_choice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, n: int | None, seed: int) -> Split:
+        """A seeded random subset of `n` samples (all of them when n is None or too large)."""
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return Split(self.images[idx], self.labels[idx])
+
+
+@dataclass
+class DataSet:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+_LOADERS: dict[str, Callable[..., DataSet]] = {}
+
+
+def register_dataset(fn: Callable[..., DataSet]) -> Callable[..., DataSet]:
+    _LOADERS[fn.__name__.removeprefix("load_")] = fn
+    return fn
+
+
+def list_datasets() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def load_dataset(
+    name: str,
+    root: str | Path = "data",
+    download: bool = False,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    seed: int = 0,
+    **kwargs,
+) -> DataSet:
+    """Load a registered data set by name, optionally cut to seeded random subsets."""
+    check_choice("dataset.name", name, list_datasets())
+    for key, n in (("train_subset", train_subset), ("test_subset", test_subset)):
+        check(n is None or n >= 1, f"dataset.{key}", n, "a positive integer or null")
+    ds = _LOADERS[name](root=Path(root), download=download, **kwargs)
+    ds.train = ds.train.subset(train_subset, seed)
+    ds.test = ds.test.subset(test_subset, seed + 1)
+    return ds
+
+
+def _missing(name: str, path: Path, hint: str = "") -> DataError:
+    return DataError(
+        f"dataset {name}: {path} not found; set dataset.root (or COMPRESS_DATA_DIR) to the folder "
+        f"that holds it, or pass dataset.download=true to fetch it{hint}"
+    )
+
+
+# ---------------------------------------------------------------- CIFAR-10
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_FILES = {  # canonical MD5 sums of the python release
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+}
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        return data, np.asarray(entry["labels"], dtype=np.int64)
+    except Exception as e:  # truncated or foreign file
+        raise DataError(f"dataset cifar10: cannot read {path}: {e}") from None
+
+
+@register_dataset
+def load_cifar10(root: Path, download: bool = False) -> DataSet:
+    folder = root / "cifar-10-batches-py"
+    if not all((folder / f).exists() for f in CIFAR10_FILES):
+        if not download:
+            raise _missing("cifar10", folder)
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        log.info("downloading CIFAR-10 to %s", root)
+        download_and_extract_archive(CIFAR10_URL, str(root), md5=CIFAR10_ARCHIVE_MD5)
+    differ = [f for f, md5 in CIFAR10_FILES.items() if _md5(folder / f) != md5]
+    if differ:
+        log.warning("cifar10: %d of 6 files in %s differ from the canonical release (MD5); "
+                    "using them as they are", len(differ), folder)
+    parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    train = Split(torch.from_numpy(np.concatenate([p[0] for p in parts])),
+                  torch.from_numpy(np.concatenate([p[1] for p in parts])))
+    x, y = _read_cifar_batch(folder / "test_batch")
+    test = Split(torch.from_numpy(x), torch.from_numpy(y))
+    return DataSet("cifar10", train, test, CIFAR10_CLASSES,
+                   mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+
+
+# ---------------------------------------------------------------- MNIST / Fashion-MNIST
+_IDX = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array of its stated shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        ndim = raw[3]
+        shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {path}: {e}") from None
+
+
+def _find_idx(root: Path, folders: list[str], stem: str) -> Path | None:
+    for folder in folders:
+        for suffix in ("", ".gz"):
+            p = root / folder / (stem + suffix)
+            if p.exists():
+                return p
+    return None
+
+
+def _load_idx_dataset(
+    name: str, root: Path, download: bool, folders: list[str], mirror: str, classes: list[str],
+    mean: float, std: float,
+) -> DataSet:
+    paths = {k: _find_idx(root, folders, stem) for k, stem in _IDX.items()}
+    if any(p is None for p in paths.values()):
+        if not download:
+            raise _missing(name, root / folders[0], f" (looked in {', '.join(folders)})")
+        from torchvision.datasets.utils import download_url
+
+        for key, stem in _IDX.items():
+            if paths[key] is None:
+                download_url(mirror + stem + ".gz", str(root / folders[0]))
+                paths[key] = root / folders[0] / (stem + ".gz")
+    arr = {k: read_idx(p) for k, p in paths.items()}
+    train = Split(torch.from_numpy(arr["train_images"].copy()).unsqueeze(1),
+                  torch.from_numpy(arr["train_labels"].astype(np.int64)))
+    test = Split(torch.from_numpy(arr["test_images"].copy()).unsqueeze(1),
+                 torch.from_numpy(arr["test_labels"].astype(np.int64)))
+    return DataSet(name, train, test, classes, mean=(mean,), std=(std,))
+
+
+@register_dataset
+def load_mnist(root: Path, download: bool = False) -> DataSet:
+    return _load_idx_dataset(
+        "mnist", root, download, ["MNIST/raw", "mnist", "."],
+        "https://ossci-datasets.s3.amazonaws.com/mnist/", [str(i) for i in range(10)],
+        0.1307, 0.3081,
+    )
+
+
+@register_dataset
+def load_fashion_mnist(root: Path, download: bool = False) -> DataSet:
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    return _load_idx_dataset(
+        "fashion_mnist", root, download, ["FashionMNIST/raw", "fashion-mnist", "."],
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", classes, 0.2860, 0.3530,
+    )
+
+
+# ---------------------------------------------------------------- image folders
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def _read_folder(folder: Path, classes: list[str], size: int) -> Split:
+    from PIL import Image
+
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for p in sorted((folder / cls).iterdir()):
+            if p.suffix.lower() in _IMAGE_SUFFIXES:
+                img = Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)
+                images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+                labels.append(label)
+    if not images:
+        raise DataError(f"dataset imagefolder: no images under {folder}/<class>/")
+    return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64))
+
+
+@register_dataset
+def load_imagefolder(root: Path, download: bool = False, image_size: int = 32) -> DataSet:
+    """A user's own images: root/train/<class>/*.png and root/test/<class>/*.png (or val/)."""
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if not train_dir.is_dir() or test_dir is None:
+        raise DataError(f"dataset imagefolder: expected {root}/train/<class>/ and "
+                        f"{root}/test/<class>/ (or val/) folders of images")
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    train = _read_folder(train_dir, classes, image_size)
+    test = _read_folder(test_dir, classes, image_size)
+    x = train.images.float() / 255
+    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return DataSet("imagefolder", train, test, classes, mean=mean, std=std)
+
+
+# ---------------------------------------------------------------- synthetic
+@register_dataset
+def load_synthetic(
+    root: Path,
+    download: bool = False,
+    num_train: int = 512,
+    num_test: int = 256,
+    num_classes: int = 10,
+    channels: int = 3,
+    image_size: int = 32,
+    seed: int = 1234,
+) -> DataSet:
+    """A small learnable data set: each class is a smooth random pattern plus pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(num_classes, channels, 4, 4, generator=g)
+    protos = torch.nn.functional.interpolate(low, size=image_size, mode="bilinear")
+
+    def make(n: int) -> Split:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=g)]
+        noise = torch.randn(n, channels, image_size, image_size, generator=g) * 0.15
+        x = (protos[labels] + noise).clamp(0, 1)
+        return Split((x * 255).round().to(torch.uint8), labels)
+
+    return DataSet("synthetic", make(num_train), make(num_test),
+                   [f"class{i}" for i in range(num_classes)],
+                   mean=(0.5,) * channels, std=(0.25,) * channels)
