@@ -25,6 +25,10 @@ $PY fuse.py ckpt="$OUT/quickstart/best.pt" hydra.run.dir="$OUT/fuse_quickstart" 
 step quant_sweep
 $PY train.py -m experiment=quant_cpu quant=fp32,w8a8,w4a4,w2a2,wba32,wta32,wbab,wtab \
   schedule.progress=false hydra.sweep.dir="$OUT/quant_sweep" > "$OUT/quant_sweep.log" 2>&1
+step qat_finetune
+$PY train.py -m experiment=qat_finetune_cpu init_from="$OUT/quickstart/best.pt" \
+  quant=fp32,w8a8,w4a4,w2a2,wbab,wtab schedule.progress=false \
+  hydra.sweep.dir="$OUT/qat_finetune" > "$OUT/qat_finetune.log" 2>&1
 step slimming
 $PY train.py experiment=slim_cpu schedule.progress=false hydra.run.dir="$OUT/slim" > "$OUT/slim.log" 2>&1
 step done

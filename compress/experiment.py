@@ -211,7 +211,7 @@ def source_checkpoint(
     """Create the run directory and load the unfused checkpoint that `ckpt` names."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.get("ckpt"):
+    if cfg.get("ckpt") in (None, "", "???"):  # "???": OmegaConf's missing value
         raise ConfigError(f"ckpt is required: python {script} ckpt=RUN/best.pt")
     state = load_checkpoint(cfg["ckpt"])
     if state.get("fused"):

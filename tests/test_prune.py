@@ -171,3 +171,10 @@ def test_prune_cli_bad_input(cli, tmp_path):
     assert "error: pruner=gc is for group-convolution models" in proc.stderr
     proc = cli("prune.py", f"ckpt={ckpt}", "pruner.percent=1.5", f"hydra.run.dir={tmp_path}/b")
     assert "error: pruner.percent=1.5 is invalid" in proc.stderr
+
+
+def test_prune_and_fuse_without_ckpt(cli, tmp_path):
+    for script in ("prune.py", "fuse.py"):
+        proc = cli(script, f"hydra.run.dir={tmp_path}/{script}")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert f"error: ckpt is required: python {script} ckpt=RUN/best.pt" in proc.stderr
