@@ -45,7 +45,7 @@ def mnist_root() -> Path:
     return SHARED / "mnist"
 
 
-def run_cli(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 300):
+def run_cli(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 900):
     """Run an entry point as a user would; returns the CompletedProcess (text output)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
