@@ -12,8 +12,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -254,9 +254,10 @@ def fit(
     crop_padding: int = 4,
     flip: bool = True,
     writer: Any = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `model` for `cfg.epochs`, evaluating each epoch; returns the run's summary.
+    """Train `model` for `cfg.epochs`; returns the run's summary.
+
+    Evaluates every `cfg.eval_every` epochs and after the last one.
 
     `resume_state`: a `last.pt` dict to continue from. `extra_state`: plain data saved in every
     checkpoint (the arch, quant config, data set name and composed config).
@@ -347,8 +348,6 @@ def fit(
                 "test_acc": te["acc"],
             },
         )
-        if on_epoch is not None:
-            on_epoch(epoch + 1, row)
     final = history[-1]
     return {
         "test_acc": final["test_acc"],
@@ -357,7 +356,3 @@ def fit(
         "wall_s": wall,
         "history": history,
     }
-
-
-def config_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)

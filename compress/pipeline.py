@@ -72,15 +72,6 @@ NEEDS_INPUT = {"prune", "finetune", "quantize", "fuse"}
 GROUP_KEYS = ("quant", "model", "dataset", "pruner", "sparsity")
 
 
-def register_stage(
-    kind: str, runner: Callable[[dict[str, Any], Path], Path], needs_input: bool = True
-) -> None:
-    """Add a stage kind (prune, fuse, ... register themselves from their modules)."""
-    STAGE_KINDS[kind] = runner
-    if needs_input:
-        NEEDS_INPUT.add(kind)
-
-
 def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     """Resolve `schedule.stages` into (kind, folder name, stage config) triples, validated."""
     stages = cfg["schedule"].get("stages") or []
