@@ -89,6 +89,7 @@ def test_ternary_and_binary_act_values():
     x = torch.tensor([-2.0, -0.6, -0.4, 0.0, 0.4, 0.6, 2.0])
     assert P.ternary_act(x, threshold=0.5).tolist() == [-1, -1, 0, 0, 0, 1, 1]
     assert P.binary_act(x).tolist() == [-1, -1, -1, 1, 1, 1, 1]
+    assert P.binary_act(torch.tensor([-0.0])).item() == 1.0  # both zeros are +1
 
 
 def expected_grad(x: torch.Tensor, mode: str, lo: float, hi: float, span: float) -> torch.Tensor:
