@@ -231,3 +231,20 @@ def test_progressive_quantization_experiment(cli, tmp_path):
     assert stages[-1]["a_bits"] == 1
     cfg = torch.load(tmp_path / "02_w4a4" / "best.pt", weights_only=True)["config"]
     assert cfg["init_from"].endswith("01_w8a8/best.pt")  # each stage from the previous best
+
+
+@pytest.mark.parametrize("quant", sorted(p.stem for p in (ROOT / "conf" / "quant").glob("*.yaml")))
+def test_every_quant_config_builds_and_is_named_by_its_settings(quant):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from compress.models import create_model
+    from compress.quant import bit_widths, quant_label, quantize_
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        cfg = compose("train", overrides=[f"quant={quant}"])
+    q = OmegaConf.to_container(cfg.quant)
+    name = q.pop("name")
+    assert quant_label(q) == name
+    model = quantize_(create_model("resnet20"), q)
+    assert bit_widths(model) != (32, 32) or name == "fp32"

@@ -123,15 +123,24 @@ def test_bn_after_max_pool_with_negative_gamma_is_kept_and_reported(caplog):
         assert torch.equal(a, b)
 
 
-def test_fused_structure_rebuilds_for_loading():
+@pytest.mark.parametrize("act", ["dorefa", "pact"])
+def test_fused_structure_rebuilds_for_loading(act):
+    torch.manual_seed(0)
     model = randomize_bn_(create_model("resnet20"))
-    quantize_(model, {"weight": {"kind": "ternary"}, "act": {"kind": "dorefa", "bits": 4}})
+    quantize_(model, {"weight": {"kind": "ternary"}, "act": {"kind": act, "bits": 4}})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("alpha"):  # a learned PACT clip must survive fusion and loading
+                p.fill_(1.5)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
     fuse_bn_(model)
+    assert torch.allclose(model(x), before, atol=1e-4)
     fresh = create_model("resnet20")
     quantize_(fresh, model.quant_config)
     apply_fused_structure_(fresh, model.fused)
     fresh.load_state_dict(model.state_dict())
-    x = torch.randn(2, 3, 32, 32)
     assert torch.equal(fresh.eval()(x), model(x))
 
 

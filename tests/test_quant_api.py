@@ -14,7 +14,7 @@ from compress.errors import ConfigError
 from compress.metrics import size_bytes
 from compress.models import create_model
 from compress.models.blocks import Activation
-from compress.quant import QConv2d, QLinear, bit_widths, quantize_, to_float
+from compress.quant import QConv2d, QLinear, bit_widths, quant_label, quantize_, to_float
 from compress.quant.quantizers import BinaryAct, DoReFaAct
 
 KINDS = {
@@ -131,3 +131,28 @@ def test_every_combination_trains_with_falling_loss(w, a, batches):
             losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-2:]) < sum(losses[:2]), losses
+
+
+def test_pact_activation_learns_its_clip_and_is_labelled():
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    cfg = {"weight": {"kind": "dorefa", "bits": 4}, "act": {"kind": "pact", "bits": 4}}
+    quantize_(model, cfg)
+    alphas = [p for n, p in model.named_parameters() if n.endswith("alpha")]
+    assert alphas and all(a.item() == 6.0 for a in alphas)
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32) * 10), torch.tensor([0, 1, 2, 3])).backward()
+    assert all(a.grad is not None and torch.isfinite(a.grad) for a in alphas)
+    assert quant_label(cfg) == "w4a4p" and bit_widths(model) == (4, 4)
+
+
+@pytest.mark.parametrize(
+    ("act", "match"),
+    [
+        ({"kind": "pact", "bits": 1}, "quant.act.bits"),
+        ({"kind": "pact", "bits": 4, "clip_init": 0}, "quant.act.clip_init"),
+        ({"kind": "pact", "bits": 4, "grad": "soft_ste"}, "quant.act.grad"),
+    ],
+)
+def test_pact_bad_input(act, match):
+    with pytest.raises(ConfigError, match=match):
+        quantize_(create_model("resnet20"), {"act": act})

@@ -125,3 +125,40 @@ def test_soft_ste_for_sign_is_two_minus_two_abs_x():
 def test_unknown_grad_mode():
     with pytest.raises(ValueError, match="unknown gradient mode 'fancy'"):
         P.surrogate_grad(torch.zeros(1), "fancy", 0, 1, 1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pact_values_and_gradients(bits):
+    torch.manual_seed(0)
+    x = (torch.randn(2000) * 3).requires_grad_()
+    alpha = torch.tensor(2.5, requires_grad=True)
+    q = P.pact_act(x, alpha, bits)
+    n = 2**bits - 1
+    ref = torch.round(x.detach().clamp(0, 2.5) * n / 2.5) * 2.5 / n
+    assert torch.allclose(q, ref) and q.unique().numel() <= 2**bits
+    g = torch.randn(2000)
+    q.backward(g)
+    inside = (x.detach() >= 0) & (x.detach() <= 2.5)
+    assert torch.equal(x.grad, torch.where(inside, g, 0.0))
+    # the gradient of the same expression composed from autograd ops with a straight-through round
+    a = torch.tensor(2.5, requires_grad=True)
+    y = torch.minimum(torch.relu(x.detach()), a)
+    (P.round_ste(y * n / a) * a / n).backward(g)
+    assert torch.allclose(alpha.grad, a.grad, rtol=1e-4)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_pact_gradients_do_not_depend_on_memory_layout(memory_format):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5) * 3
+    g = torch.randn(4, 6, 5, 5)
+    grads = []
+    for t, gt in ((x.flatten(), g.flatten()), (x.contiguous(memory_format=memory_format), g)):
+        t = t.clone().requires_grad_()
+        alpha = torch.tensor(2.0, requires_grad=True)
+        P.pact_act(t, alpha, 3).backward(
+            gt.reshape(t.shape).contiguous(memory_format=memory_format) if t.dim() == 4 else gt
+        )
+        grads.append((t.grad.flatten(), alpha.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5)

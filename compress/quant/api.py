@@ -2,7 +2,7 @@
 
 cfg (the `quant` config group, as a dict):
   weight: {kind: fp32|dorefa|ternary|binary, bits, gap, scale, center, clip}
-  act:    {kind: fp32|dorefa|ternary|binary, bits, threshold, grad}
+  act:    {kind: fp32|dorefa|pact|ternary|binary, bits, threshold, grad, clip_init}
   keep_first_last: keep the first conv and the classifier full precision (default true)
   keep: names of further conv / linear layers to keep full precision
 Weights: every Conv2d / Linear not kept becomes a QConv2d / QLinear sharing its parameters.
@@ -102,14 +102,17 @@ def to_float(model: nn.Module) -> nn.Module:
 
 
 def quant_label(cfg: dict[str, Any] | None) -> str:
-    """A short name derived from the settings themselves: fp32, w4a4, wbab, wta32, ..."""
+    """A short name derived from the settings themselves: fp32, w4a4, wbab, wta32, w4a4p
+    (PACT activations), ..."""
     if not is_quantized(cfg):
         return "fp32"
     short = {"fp32": "32", "ternary": "t", "binary": "b"}
 
     def part(c: dict[str, Any]) -> str:
         kind = c.get("kind", "fp32")
-        return str(c.get("bits")) if kind == "dorefa" else short[kind]
+        if kind in ("dorefa", "pact"):
+            return f"{c.get('bits')}{'p' if kind == 'pact' else ''}"
+        return short[kind]
 
     return f"w{part(dict(cfg.get('weight') or {}))}a{part(dict(cfg.get('act') or {}))}"
 

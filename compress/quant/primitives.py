@@ -147,6 +147,47 @@ def dorefa_act(x: torch.Tensor, bits: int, grad: str = "saturate_ste") -> torch.
     return with_surrogate_grad(x, q, grad, 0.0, 1.0, 1.0)
 
 
+def _dense_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) in one read-only pass: tensors with the same dense layout (NCHW or NHWC) are
+    dotted as flat memory, since the sum does not depend on element order."""
+    dense = a.is_contiguous() or a.is_contiguous(memory_format=torch.channels_last)
+    if a.dim() == 4 and dense and a.stride() == b.stride():
+        n = a.numel()
+        return torch.dot(a.as_strided((n,), (1,)), b.as_strided((n,), (1,)))
+    return (a * b).sum()
+
+
+class _PACT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, alpha, bits):  # type: ignore[override]
+        n = float(2**bits - 1)
+        a = alpha.detach().clamp_min(1e-4).to(x.dtype)
+        q = torch.clamp(x.detach(), torch.zeros_like(a), a).mul_(n / a).round_().mul_(a / n)
+        ctx.save_for_backward(x, q, a)
+        return q
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, q, a = ctx.saved_tensors
+        hi = float(a)  # one host sync per layer on a GPU: the fused kernels take scalar bounds
+        gx = torch.ops.aten.hardtanh_backward(grad, x, *_open_bounds(0.0, hi, x.dtype))
+        # dq/dalpha: (q - x) / alpha inside [0, alpha] (the rounding error, as LSQ), 1 above
+        inside = (_dense_dot(gx, q) - _dense_dot(gx, x.detach())) / hi
+        above = torch.ops.aten.threshold_backward(grad, x, hi).sum()
+        return gx, (inside + above).reshape(()).float(), None
+
+
+def pact_act(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
+    """PACT (Choi et al., 2018): clip(x, 0, alpha) quantized to 2^k levels, alpha learned.
+
+    d/dx = 1 on [0, alpha] (saturating STE). d/dalpha = 1 where x > alpha, and (q - x) / alpha
+    inside, the derivative of the rounding error with a straight-through round (as in LSQ,
+    Esser et al., 2020): without it alpha only feels the clipped values and barely moves.
+    DoReFa's fixed [0, 1] range is a ReLU1 that cuts every larger activation; a learned range
+    keeps them."""
+    return _PACT.apply(x, alpha, bits)
+
+
 def ternary_act(
     x: torch.Tensor, threshold: float = 0.5, grad: str = "saturate_ste"
 ) -> torch.Tensor:

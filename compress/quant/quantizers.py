@@ -91,6 +91,23 @@ class DoReFaAct(Quantizer):
         return f"bits={self.bits}, grad={self.grad}"
 
 
+class PACTAct(Quantizer):
+    """DoReFa's k-bit activation on a learned range [0, alpha] (alpha starts at `clip_init`)."""
+
+    kind = "pact"
+
+    def __init__(self, bits: int, clip_init: float = 6.0) -> None:
+        super().__init__()
+        self.bits = bits
+        self.alpha = nn.Parameter(torch.tensor(float(clip_init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return P.pact_act(x, self.alpha, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, alpha={self.alpha.item():.3g}"
+
+
 class TernaryAct(Quantizer):
     kind, bits = "ternary", 2
 
@@ -120,18 +137,33 @@ class BinaryAct(Quantizer):
 
 
 KINDS = ("fp32", "dorefa", "ternary", "binary")
+ACT_KINDS = (*KINDS, "pact")
 
 
-def _validate(prefix: str, cfg: dict[str, Any]) -> str:
+def _validate(prefix: str, cfg: dict[str, Any], kinds: tuple[str, ...] = KINDS) -> str:
     kind = cfg.get("kind", "fp32")
-    check_choice(f"{prefix}.kind", kind, KINDS)
-    if kind == "dorefa":
+    check_choice(f"{prefix}.kind", kind, kinds)
+    if kind in ("dorefa", "pact"):
         bits = cfg.get("bits")
         check(
             isinstance(bits, int) and 2 <= bits <= 16,
             f"{prefix}.bits",
             bits,
-            "an integer from 2 to 16 for kind=dorefa (use kind=ternary or binary below 2)",
+            f"an integer from 2 to 16 for kind={kind} (use kind=ternary or binary below 2)",
+        )
+    if kind == "pact":
+        clip = cfg.get("clip_init", 6.0)
+        check(
+            isinstance(clip, (int, float)) and clip > 0,
+            f"{prefix}.clip_init",
+            clip,
+            "a starting clip value > 0",
+        )
+        check(
+            cfg.get("grad", "saturate_ste") == "saturate_ste",
+            f"{prefix}.grad",
+            cfg.get("grad"),
+            "saturate_ste for kind=pact (its gradient is defined by the learned clip)",
         )
     if "grad" in cfg:
         check_choice(f"{prefix}.grad", cfg["grad"], P.GRAD_MODES)
@@ -152,7 +184,7 @@ def _known(prefix: str, cfg: dict[str, Any], allowed: set[str]) -> None:
 
 
 WEIGHT_KEYS = {"kind", "bits", "gap", "scale", "center", "clip"}
-ACT_KEYS = {"kind", "bits", "threshold", "grad"}
+ACT_KEYS = {"kind", "bits", "threshold", "grad", "clip_init"}
 
 
 def weight_quantizer(cfg: dict[str, Any], prefix: str = "quant.weight") -> Quantizer:
@@ -172,12 +204,14 @@ def weight_quantizer(cfg: dict[str, Any], prefix: str = "quant.weight") -> Quant
 
 
 def act_quantizer(cfg: dict[str, Any], prefix: str = "quant.act") -> Quantizer:
-    """Build an activation quantizer from {kind, bits, threshold, grad}."""
+    """Build an activation quantizer from {kind, bits, threshold, grad, clip_init}."""
     _known(prefix, cfg, ACT_KEYS)
-    kind = _validate(prefix, cfg)
+    kind = _validate(prefix, cfg, ACT_KINDS)
     grad = cfg.get("grad", "saturate_ste")
     if kind == "dorefa":
         return DoReFaAct(cfg["bits"], grad)
+    if kind == "pact":
+        return PACTAct(cfg["bits"], float(cfg.get("clip_init", 6.0)))
     if kind == "ternary":
         return TernaryAct(cfg.get("threshold", 0.5), grad)
     if kind == "binary":
