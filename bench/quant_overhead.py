@@ -27,6 +27,7 @@ MODES = {
     "wbab": ({"kind": "binary"}, {"kind": "binary"}),
     "wta32": ({"kind": "ternary"}, {"kind": "fp32"}),
     "wtab": ({"kind": "ternary"}, {"kind": "binary"}),
+    "w4a4p": ({"kind": "dorefa", "bits": 4}, {"kind": "pact", "bits": 4}),
 }
 
 

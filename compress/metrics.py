@@ -68,11 +68,16 @@ def latency_ms(
     batch_size: int = 1,
     reps: int = 20,
     warmup: int = 3,
+    channels_last: bool = False,
 ) -> float:
-    """Median wall time of one forward pass in milliseconds (eval mode, on the model's device)."""
+    """Median wall time of one forward pass in milliseconds (eval mode, on the model's device);
+    `channels_last` converts the model (in place) and the input to NHWC."""
     model.eval()
     device = next(model.parameters()).device
     x = torch.randn(batch_size, *input_shape, device=device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     for _ in range(warmup):
         model(x)
     times = []
