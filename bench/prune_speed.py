@@ -120,7 +120,10 @@ def main() -> None:
                 f"| {lr / mr:.2f} |",
                 flush=True,
             )
-    print("\n(ratios pruned / unpruned; latency is the median forward time in eval mode)")
+    print(
+        "\n(ratios pruned / unpruned; latency: median forward time in eval mode, best of the "
+        "rounds)"
+    )
 
 
 if __name__ == "__main__":

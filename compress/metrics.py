@@ -61,7 +61,6 @@ def size_bytes(model: nn.Module) -> int:
     return total
 
 
-@torch.inference_mode()
 def latency_ms(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -72,12 +71,23 @@ def latency_ms(
 ) -> float:
     """Median wall time of one forward pass in milliseconds (eval mode, on the model's device);
     `channels_last` converts the model (in place) and the input to NHWC."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     x = torch.randn(batch_size, *input_shape, device=device)
-    if channels_last:
+    if channels_last:  # outside inference mode: the parameters must stay trainable
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            return _median_forward_ms(model, x, device, reps, warmup)
+    finally:
+        model.train(was_training)
+
+
+def _median_forward_ms(
+    model: nn.Module, x: torch.Tensor, device: torch.device, reps: int, warmup: int
+) -> float:
     for _ in range(warmup):
         model(x)
     times = []

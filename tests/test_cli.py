@@ -198,11 +198,12 @@ def test_multirun_sweep(cli, tmp_path):
         "model=resnet20,vgg_small",
         "quant=fp32,w4a4",
         "schedule.batch_size=32",
+        f"dataset.root={tmp_path}/unused",  # a path value must not nest the job folders
         f"hydra.sweep.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr
     runs = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))
-    assert len(runs) == 4
+    assert len(runs) == 4 and "dataset.root" not in runs[0] and "quant=fp32" in runs[0]
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(rows) == 5 and (tmp_path / "tradeoff.png").stat().st_size > 5000
     assert "sweep report: 4 runs" in proc.stdout

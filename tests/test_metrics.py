@@ -38,3 +38,6 @@ def test_latency_is_measured_and_channels_last_converts_the_model():
     assert latency_ms(model, (3, 32, 32), batch_size=2, reps=3) > 0
     assert latency_ms(model, (3, 32, 32), batch_size=2, reps=3, channels_last=True) > 0
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.training  # restored, and the converted parameters still train
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.conv1.weight.grad is not None

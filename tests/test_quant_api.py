@@ -115,11 +115,16 @@ def batches():
     return list(loader)
 
 
-@pytest.mark.parametrize(("w", "a"), list(itertools.product(KINDS, KINDS)))
+PACT = {"pact4": {"kind": "pact", "bits": 4}, "pact2": {"kind": "pact", "bits": 2}}
+
+
+@pytest.mark.parametrize(
+    ("w", "a"), [*itertools.product(KINDS, KINDS), *itertools.product(["4", "2"], PACT)]
+)
 def test_every_combination_trains_with_falling_loss(w, a, batches):
     torch.manual_seed(0)
     model = create_model("resnet20", channels=[8] * 9)
-    quantize_(model, {"weight": KINDS[w], "act": KINDS[a]})
+    quantize_(model, {"weight": KINDS[w], "act": {**KINDS, **PACT}[a]})
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(6):
@@ -140,8 +145,11 @@ def test_pact_activation_learns_its_clip_and_is_labelled():
     quantize_(model, cfg)
     alphas = [p for n, p in model.named_parameters() if n.endswith("alpha")]
     assert alphas and all(a.item() == 6.0 for a in alphas)
+    opt = torch.optim.SGD(alphas, lr=0.1)
     F.cross_entropy(model(torch.randn(4, 3, 32, 32) * 10), torch.tensor([0, 1, 2, 3])).backward()
     assert all(a.grad is not None and torch.isfinite(a.grad) for a in alphas)
+    opt.step()
+    assert any(a.item() != 6.0 for a in alphas)  # the clip is learned
     assert quant_label(cfg) == "w4a4p" and bit_widths(model) == (4, 4)
 
 

@@ -162,3 +162,43 @@ def test_pact_gradients_do_not_depend_on_memory_layout(memory_format):
         grads.append((t.grad.flatten(), alpha.grad))
     assert torch.equal(grads[0][0], grads[1][0])
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pact_low_precision_gradients_match_fp64(dtype):
+    """Under autocast dtypes the rounding-error sum must not drown in rounding: compare with
+    the gradient formula evaluated in fp64 on the same inputs and the same quantized output."""
+    torch.manual_seed(0)
+    x = (torch.randn(32, 16, 16, 16) * 2).to(dtype).requires_grad_()
+    g = torch.randn(32, 16, 16, 16).to(dtype)
+    alpha = torch.tensor(2.1, requires_grad=True)  # no bf16 / fp16 value: x never ties it
+    q = P.pact_act(x, alpha, 2)
+    q.backward(g)
+    a, xd, gd, qd = alpha.item(), x.detach().double(), g.double(), q.detach().double()
+    inside = (xd >= 0) & (xd <= a)
+    ref = (gd * (qd - xd))[inside].sum() / a + gd[xd > a].sum()
+    assert torch.allclose(alpha.grad.double(), ref, rtol=2e-3)  # q is exact in fp32 only
+    assert torch.equal(x.grad, torch.where(inside, g, 0).to(dtype))
+
+
+def test_sixteen_bit_activations_do_not_overflow_fp16():
+    x = torch.tensor([0.0, 0.5, 1.0, 3.0], dtype=torch.float16)
+    assert torch.isfinite(P.dorefa_act(x, 16)).all()
+    q = P.pact_act(x, torch.tensor(1.0), 16)
+    assert torch.isfinite(q).all() and q.tolist() == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_pact_clip_is_kept_positive():
+    q = P.pact_act(torch.tensor([0.5, 2.0]), torch.tensor(-1.0), 4)
+    assert (q >= 0).all() and (q <= 1e-4).all()
+
+
+def test_closed_interval_survives_flush_to_zero():
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        x = torch.tensor([0.0, 1.0], requires_grad=True)
+        P.dorefa_act(x, 2).sum().backward()
+        assert x.grad.tolist() == [1.0, 1.0]
+    finally:
+        torch.set_flush_denormal(False)

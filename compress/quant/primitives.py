@@ -44,13 +44,20 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     return torch.copysign(torch.ones((), dtype=x.dtype, device=x.device), x + 0.0)
 
 
-@functools.lru_cache(maxsize=64)
-def _open_bounds(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
+def _outside(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float]:
     """The neighbours of lo and hi in `dtype` just outside [lo, hi]: hardtanh_backward passes
-    the gradient on the open interval, so widening by one ulp makes it the closed [lo, hi]."""
+    the gradient on the open interval, so widening by one ulp makes it the closed [lo, hi].
+    A subnormal neighbour (beside 0) becomes the smallest normal number, so that it survives
+    flush-to-zero modes."""
     t = torch.tensor([lo, hi], dtype=dtype)
     out = torch.nextafter(t, torch.tensor([-math.inf, math.inf], dtype=dtype))
-    return float(out[0]), float(out[1])
+    tiny = torch.finfo(dtype).tiny
+    return tuple(  # type: ignore[return-value]
+        math.copysign(tiny, v) if 0 < abs(v) < tiny else v for v in out.tolist()
+    )
+
+
+_open_bounds = functools.lru_cache(maxsize=64)(_outside)  # fixed bounds: computed once
 
 
 def surrogate_grad(x: torch.Tensor, mode: str, lo: float, hi: float, span: float) -> torch.Tensor:
@@ -143,8 +150,10 @@ def binary_weight(w: torch.Tensor, scale: bool = True, center: bool = False) -> 
 def dorefa_act(x: torch.Tensor, bits: int, grad: str = "saturate_ste") -> torch.Tensor:
     """clip(x, 0, 1) quantized to 2^k levels."""
     n = float(2**bits - 1)
-    q = x.detach().clamp(0, 1).mul_(n).round_().div_(n)  # in place: one buffer, not four
-    return with_surrogate_grad(x, q, grad, 0.0, 1.0, 1.0)
+    xd = x.detach()
+    xd = xd.float() if n > torch.finfo(xd.dtype).max / 2 else xd  # 2^16 levels overflow fp16
+    q = xd.clamp(0, 1).mul_(n).round_().div_(n)  # in place: one buffer, not four
+    return with_surrogate_grad(x, q.to(x.dtype), grad, 0.0, 1.0, 1.0)
 
 
 def _dense_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -161,20 +170,29 @@ class _PACT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, bits):  # type: ignore[override]
         n = float(2**bits - 1)
-        a = alpha.detach().clamp_min(1e-4).to(x.dtype)
-        q = torch.clamp(x.detach(), torch.zeros_like(a), a).mul_(n / a).round_().mul_(a / n)
+        # fp16 / bf16 (autocast) are quantized in fp32: n / alpha overflows fp16 at 16 bits,
+        # and bf16 cannot hold 2^8 levels of a range exactly
+        xd = x.detach() if x.dtype == torch.float32 else x.detach().float()
+        a = alpha.detach().float().clamp_min(1e-4)
+        q = torch.clamp(xd, torch.zeros_like(a), a).mul_(n / a).round_().mul_(a / n)
         ctx.save_for_backward(x, q, a)
-        return q
+        ctx.alpha_dtype = alpha.dtype
+        return q.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, q, a = ctx.saved_tensors
         hi = float(a)  # one host sync per layer on a GPU: the fused kernels take scalar bounds
-        gx = torch.ops.aten.hardtanh_backward(grad, x, *_open_bounds(0.0, hi, x.dtype))
-        # dq/dalpha: (q - x) / alpha inside [0, alpha] (the rounding error, as LSQ), 1 above
-        inside = (_dense_dot(gx, q) - _dense_dot(gx, x.detach())) / hi
-        above = torch.ops.aten.threshold_backward(grad, x, hi).sum()
-        return gx, (inside + above).reshape(()).float(), None
+        # in fp32 like the forward: alpha is rarely a bf16 / fp16 value, and the kernels would
+        # round the bound to x's dtype, moving values across it
+        dtype = x.dtype
+        x, g = x.detach().float(), grad.float()
+        gx = torch.ops.aten.hardtanh_backward(g, x, *_outside(0.0, hi, torch.float32))
+        # dq/dalpha: (q - x) / alpha inside [0, alpha] (the rounding error, as LSQ), 1 above;
+        # from the difference itself (two large dots would cancel)
+        inside = _dense_dot(gx, q - x) / hi
+        above = torch.ops.aten.threshold_backward(g, x, hi).sum()
+        return gx.to(dtype), (inside + above).reshape(()).to(ctx.alpha_dtype), None
 
 
 def pact_act(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:

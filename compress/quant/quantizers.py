@@ -6,6 +6,7 @@ with a defined gradient; `bits` is its storage width (32 for fp32, 2 ternary, 1 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -154,7 +155,10 @@ def _validate(prefix: str, cfg: dict[str, Any], kinds: tuple[str, ...] = KINDS) 
     if kind == "pact":
         clip = cfg.get("clip_init", 6.0)
         check(
-            isinstance(clip, (int, float)) and clip > 0,
+            isinstance(clip, (int, float))
+            and not isinstance(clip, bool)
+            and math.isfinite(clip)
+            and clip > 0,
             f"{prefix}.clip_init",
             clip,
             "a starting clip value > 0",
