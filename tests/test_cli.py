@@ -190,6 +190,21 @@ def test_bad_quant_config_is_one_clear_line(cli, tmp_path, overrides, fragment):
     assert_clean_error(proc, fragment)
 
 
+def test_sweep_job_folders_leave_out_path_values(cli, tmp_path, resnet_ckpt):
+    proc = cli(
+        "train.py",
+        "-m",
+        *TINY,
+        "model=resnet20",
+        f"init_from={resnet_ckpt}",  # a path: it would nest each job's folder
+        "quant=fp32,w4a4",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    runs = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))
+    assert len(runs) == 2 and all("init_from" not in r for r in runs), runs
+
+
 def test_multirun_sweep(cli, tmp_path):
     proc = cli(
         "train.py",
@@ -198,12 +213,11 @@ def test_multirun_sweep(cli, tmp_path):
         "model=resnet20,vgg_small",
         "quant=fp32,w4a4",
         "schedule.batch_size=32",
-        f"dataset.root={tmp_path}/unused",  # a path value must not nest the job folders
         f"hydra.sweep.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr
     runs = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))
-    assert len(runs) == 4 and "dataset.root" not in runs[0] and "quant=fp32" in runs[0]
+    assert len(runs) == 4
     rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(rows) == 5 and (tmp_path / "tradeoff.png").stat().st_size > 5000
     assert "sweep report: 4 runs" in proc.stdout
