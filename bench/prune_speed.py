@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 
@@ -36,22 +35,6 @@ def parse_case(case: str) -> tuple[str, str, int]:
     if pruner.startswith("regular"):
         return name, "regular", int(pruner[len("regular") :] or 8)
     return name, pruner or "normal", 1
-
-
-@torch.no_grad()
-def compiled_latency_ms(compiled: torch.nn.Module, batch: int, reps: int, nhwc: bool) -> float:
-    """Median forward time of an already compiled model (compile time not counted)."""
-    x = torch.randn(batch, *SHAPE)
-    if nhwc:
-        x = x.contiguous(memory_format=torch.channels_last)
-    for _ in range(3):
-        compiled(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        compiled(x)
-        times.append(time.perf_counter() - t0)
-    return 1000 * sorted(times)[reps // 2]
 
 
 def main() -> None:
@@ -91,9 +74,7 @@ def main() -> None:
             m = torch.compile(m)
         return m
 
-    def latency(m: torch.nn.Module) -> float:
-        if args.compile:
-            return compiled_latency_ms(m, args.batch, args.reps, args.channels_last)
+    def latency(m: torch.nn.Module) -> float:  # a compiled model compiles in the warm-up
         return latency_ms(m, SHAPE, args.batch, args.reps, channels_last=args.channels_last)
 
     for case in args.cases.split(","):

@@ -166,14 +166,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def evaluate(model: nn.Module, loader: TensorLoader, precision: str = "fp32") -> dict[str, float]:
     """Top-1 accuracy (percent) and mean cross-entropy over a loader."""
     model.eval()
-    correct, loss, n = 0, 0.0, 0
+    # sums stay on the device (no host sync per batch); the loss sum in float64, as a Python
+    # float would be
+    loss = torch.zeros((), dtype=torch.float64, device=loader.device)
+    correct = torch.zeros((), dtype=torch.long, device=loader.device)
+    n = 0
     for x, y in loader:
         with autocast(loader.device, precision):
             out = model(x)
-        loss += F.cross_entropy(out.float(), y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(out.float(), y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
         n += len(y)
-    return {"acc": 100.0 * correct / max(n, 1), "loss": loss / max(n, 1)}
+    return {"acc": 100.0 * correct.item() / max(n, 1), "loss": loss.item() / max(n, 1)}
 
 
 def train_one_epoch(
@@ -195,11 +199,6 @@ def train_one_epoch(
         with autocast(loader.device, cfg.precision):
             out = model(x)
             loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-        # A host sync on a GPU: check now and then, not at every step.
-        if step % 25 == 0 and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss.item()} at step {step}; lower schedule.lr"
-            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         for cb in callbacks:
@@ -212,6 +211,11 @@ def train_one_epoch(
         total_loss += loss.detach() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
         n += len(y)
+        # A host sync on a GPU: check now and then; the running sum keeps any NaN / inf.
+        if (step % 25 == 24 or step == len(loader) - 1) and not torch.isfinite(total_loss):
+            raise FloatingPointError(
+                f"training loss became non-finite by step {step}; lower schedule.lr"
+            )
     return {"acc": 100.0 * correct.item() / max(n, 1), "loss": total_loss.item() / max(n, 1)}
 
 

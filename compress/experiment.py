@@ -80,7 +80,7 @@ def build_model(cfg: dict[str, Any], data: DataSet) -> tuple[nn.Module, dict[str
 
 
 def model_metrics(model: nn.Module, data: DataSet) -> dict[str, int]:
-    shape = tuple(data.test.images.shape[1:])
+    shape = data.image_shape
     return {
         "params": count_params(model),
         "macs": count_macs(model, shape),
@@ -153,17 +153,18 @@ def run_training(
             flip=bool(cfg["dataset"].get("flip", True)),
             writer=writer,
         )
+    w_bits, a_bits = bit_widths(model)
     metrics = {
         "model": model.arch["name"],
         "dataset": data.name,
         "quant": quant_label(quant_cfg),
-        "w_bits": bit_widths(model)[0],
-        "a_bits": bit_widths(model)[1],
+        "w_bits": w_bits,
+        "a_bits": a_bits,
         "test_acc": summary["test_acc"],
         "best_test_acc": summary["best_test_acc"],
         "epochs": summary["epochs"],
         **model_metrics(model, data),
-        "latency_ms": latency_ms(model, tuple(data.test.images.shape[1:]), batch_size=1, reps=10),
+        "latency_ms": latency_ms(model, data.image_shape, batch_size=1, reps=10),
         "wall_s": summary["wall_s"],
         "run_wall_s": time.perf_counter() - t_start,
         "history": summary["history"],
@@ -239,7 +240,7 @@ def run_fuse(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     plan = fuse_bn_(fused)
     after_logits, _ = logits_on(fused, loader)
     after = model_metrics(fused, data)
-    shape = tuple(data.test.images.shape[1:])
+    shape = data.image_shape
     lat = {}
     for tag, m in (("before", model), ("after", fused)):
         for bs in (1, 64):

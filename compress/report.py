@@ -67,18 +67,12 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
         if (path.parent / "stage.json").exists():
             continue  # a stage of a pipeline: its run's own metrics.json summarizes it
         rows.append(_row(path.parent, root, json.loads(path.read_text())))
+    baselines: dict[tuple[Any, Any], dict[str, Any]] = {}  # the first fp32, unpruned run
+    for b in rows:
+        if b["quant"] == "fp32" and b["pruned"] == "no":
+            baselines.setdefault((b["model"], b["dataset"]), b)
     for r in rows:  # compare with the fp32 run of the same model and data, when the set has one
-        base = next(
-            (
-                b
-                for b in rows
-                if b["model"] == r["model"]
-                and b["quant"] == "fp32"
-                and b["pruned"] == "no"
-                and b["dataset"] == r["dataset"]
-            ),
-            None,
-        )
+        base = baselines.get((r["model"], r["dataset"]))
         ok = base is not None and None not in (base["test_acc"], r["test_acc"])
         r["delta_vs_fp32"] = round(r["test_acc"] - base["test_acc"], 2) if ok else None
         sized = base is not None and base["size_bytes"] and r["size_bytes"]

@@ -142,3 +142,26 @@ def test_init_from_keeps_the_stored_architecture(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="resume=true but .*last.pt does not exist"):
         run_training({**tiny_cfg(), "resume": True}, tmp_path)
+
+
+def test_a_non_finite_loss_between_checks_is_caught():
+    from torch import nn
+
+    from compress.data import TensorLoader
+    from compress.data.datasets import Split
+
+    class NaNAtStep3(nn.Linear):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            NaNAtStep3.calls += 1
+            out = super().forward(x.flatten(1))
+            return out * float("nan") if NaNAtStep3.calls == 4 else out
+
+    split = Split(torch.zeros(160, 1, 2, 2, dtype=torch.uint8), torch.zeros(160, dtype=torch.long))
+    loader = TensorLoader(split, 16, (0.5,), (0.5,), train=True)
+    model = NaNAtStep3(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    with pytest.raises(FloatingPointError, match="non-finite by step 9"):
+        engine.train_one_epoch(model, loader, opt, sched, TrainConfig(progress=False))

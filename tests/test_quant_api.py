@@ -158,6 +158,8 @@ def test_pact_activation_learns_its_clip_and_is_labelled():
     [
         ({"kind": "pact", "bits": 1}, "quant.act.bits"),
         ({"kind": "pact", "bits": 4, "clip_init": 0}, "quant.act.clip_init"),
+        ({"kind": "pact", "bits": 4, "clip_init": True}, "quant.act.clip_init"),
+        ({"kind": "pact", "bits": 4, "clip_init": float("inf")}, "quant.act.clip_init"),
         ({"kind": "pact", "bits": 4, "grad": "soft_ste"}, "quant.act.grad"),
     ],
 )

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +46,15 @@ class DataSet:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    extra: dict = field(default_factory=dict)
 
     @property
     def in_channels(self) -> int:
         return self.train.images.shape[1]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one test image: the input shape for MACs and latency."""
+        return tuple(self.test.images.shape[1:])  # type: ignore[return-value]
 
     @property
     def num_classes(self) -> int:
@@ -110,18 +114,16 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Images, labels and the file's MD5, from one read of the file."""
+    raw = path.read_bytes()
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+        entry = pickle.loads(raw, encoding="latin1")
         data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        return data, np.asarray(entry["labels"], dtype=np.int64)
+        labels = np.asarray(entry["labels"], dtype=np.int64)
     except Exception as e:  # truncated or foreign file
         raise DataError(f"dataset cifar10: cannot read {path}: {e}") from None
+    return data, labels, hashlib.md5(raw).hexdigest()
 
 
 @register_dataset
@@ -134,14 +136,15 @@ def load_cifar10(root: Path, download: bool = False) -> DataSet:
 
         log.info("downloading CIFAR-10 to %s", root)
         download_and_extract_archive(CIFAR10_URL, str(root), md5=CIFAR10_ARCHIVE_MD5)
-    differ = [f for f, md5 in CIFAR10_FILES.items() if _md5(folder / f) != md5]
+    parts = {f: _read_cifar_batch(folder / f) for f in CIFAR10_FILES}
+    differ = [f for f, md5 in CIFAR10_FILES.items() if parts[f][2] != md5]
     if differ:
         log.warning("cifar10: %d of 6 files in %s differ from the canonical release (MD5); "
                     "using them as they are", len(differ), folder)
-    parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
-    train = Split(torch.from_numpy(np.concatenate([p[0] for p in parts])),
-                  torch.from_numpy(np.concatenate([p[1] for p in parts])))
-    x, y = _read_cifar_batch(folder / "test_batch")
+    train_parts = [parts[f"data_batch_{i}"] for i in range(1, 6)]
+    train = Split(torch.from_numpy(np.concatenate([p[0] for p in train_parts])),
+                  torch.from_numpy(np.concatenate([p[1] for p in train_parts])))
+    x, y, _ = parts["test_batch"]
     test = Split(torch.from_numpy(x), torch.from_numpy(y))
     return DataSet("cifar10", train, test, CIFAR10_CLASSES,
                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
