@@ -9,16 +9,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import configstore  # noqa: F401  (stores the config schemas in Hydra's ConfigStore)
 from compress.cli import user_errors
-from compress.experiment import fuse_table, run_fuse
+from compress.tasks import fuse as fuse_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="fuse")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors():
-        metrics = run_fuse(OmegaConf.to_container(cfg, resolve=True), run_dir)
-        print(fuse_table(metrics))
+        metrics = fuse_task.run(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        print(fuse_task.table(metrics))
         print(f"fused checkpoint: {run_dir / 'fused.pt'}")
         return metrics["test_acc"]
 

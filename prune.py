@@ -9,15 +9,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+import configstore  # noqa: F401  (stores the config schemas in Hydra's ConfigStore)
 from compress.cli import user_errors
-from compress.experiment import run_prune
+from compress.tasks import prune as prune_task
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prune")
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     with user_errors():
-        m = run_prune(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        m = prune_task.run(OmegaConf.to_container(cfg, resolve=True), run_dir)
         print(f"channels {m['channels_before']} -> {m['channels']}")
         print(
             f"params {m['params_before']} -> {m['params']} ({100 * m['params_ratio']:.1f}%), "
@@ -28,7 +29,7 @@ def main(cfg: DictConfig) -> float:
         )
         print(
             f"pruned checkpoint: {run_dir / 'pruned.pt'}  finetune with: "
-            f"python train.py model={m['model']} init_from={run_dir / 'pruned.pt'}"
+            f"python train.py {m['model_overrides']} init_from={run_dir / 'pruned.pt'}"
         )
         return m["test_acc"]
 

@@ -1,8 +1,6 @@
-"""Checkpoints: plain dicts of tensors and builtins, written atomically, loaded with weights_only.
-
-A checkpoint carries the model's `arch` ({"name", **kwargs}, including a pruned channel spec),
-so `model_from_checkpoint` rebuilds the exact architecture without any code or manual edits.
-"""
+"""Checkpoint files: plain dicts of tensors and builtins, written atomically, loaded with
+weights_only, with errors that name the file. What a checkpoint holds is `compress.spec`'s
+business; this module only reads and writes."""
 
 from __future__ import annotations
 
@@ -13,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from compress.errors import CheckpointError
-from compress.models import create_model
 
 FORMAT = "compress/1"
 
@@ -32,7 +28,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint`, with errors that name the file."""
+    """Load a checkpoint written by `save_checkpoint`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -44,38 +40,3 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or state.get("format") != FORMAT or "arch" not in state:
         raise CheckpointError(f"{path} is not a compress checkpoint (no '{FORMAT}' format tag)")
     return state
-
-
-def model_from_checkpoint(
-    state: dict[str, Any], expect: str | None = None, quantized: bool = True
-) -> nn.Module:
-    """Rebuild the model stored in a checkpoint: its architecture, its weights, its quantization.
-
-    `expect`: the model name the caller asked for; a checkpoint of another family is refused.
-    `quantized=False` returns the float model (quantized layers share the float layers' weights);
-    a fused checkpoint is always rebuilt as it was fused.
-    """
-    arch = dict(state["arch"])
-    name = arch.pop("name")
-    if expect is not None and name != expect:
-        raise CheckpointError(
-            f"checkpoint holds a {name!r} model but model={expect}; pass model={name} to use it"
-        )
-    model = create_model(name, **arch)
-    fused = state.get("fused")
-    if state.get("quant") and (quantized or fused):
-        from compress.quant import quantize_  # the quant package builds on this module
-
-        quantize_(model, state["quant"])
-    if fused:
-        from compress.fuse import apply_fused_structure_
-
-        apply_fused_structure_(model, fused)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(
-            f"checkpoint weights do not fit its {name} architecture: {first}"
-        ) from None
-    return model

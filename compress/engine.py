@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,89 +23,33 @@ from torch import nn
 from tqdm import tqdm
 
 from compress.checkpoint import save_checkpoint
+from compress.config import (  # noqa: F401  (re-exported: the choices lived here)
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRECISIONS,
+    TrainSettings,
+    validate_schedule,
+)
 from compress.data import DataSet, TensorLoader
-from compress.errors import ConfigError, check, check_choice
+from compress.errors import ConfigError
+from compress.spec import checkpoint_state
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
-
 
 @dataclass
-class TrainConfig:
-    """The `schedule` config group: how long and how to train."""
-
-    epochs: int = 200
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    milestones: list[int] = field(default_factory=lambda: [100, 150])
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    precision: str = "fp32"
-    channels_last: bool = False
-    eval_every: int = 1  # evaluate every N epochs (and always after the last)
-    progress: bool = True
+class TrainConfig(TrainSettings):
+    """The `schedule` config group minus `stages`: how long and how to train. Fields and
+    defaults: compress.config.TrainSettings; checks: compress.config.validate_schedule."""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], prefix: str = "schedule") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"{prefix}.{unknown[0]} is not a known key: expected one of "
-                + ", ".join(sorted(known))
-            )
-        cfg = cls(**d)
-        cfg.validate(prefix)
-        return cfg
+        """Check a `schedule` dict and build the config (`stages`, the pipeline's, is dropped)."""
+        validate_schedule(d, prefix)
+        return cls(**{k: v for k, v in d.items() if k != "stages"})
 
     def validate(self, p: str = "schedule") -> None:
-        check(
-            isinstance(self.epochs, int) and self.epochs >= 1,
-            f"{p}.epochs",
-            self.epochs,
-            "an integer >= 1",
-        )
-        check(
-            isinstance(self.batch_size, int) and self.batch_size >= 1,
-            f"{p}.batch_size",
-            self.batch_size,
-            "an integer >= 1",
-        )
-        check(
-            isinstance(self.eval_batch_size, int) and self.eval_batch_size >= 1,
-            f"{p}.eval_batch_size",
-            self.eval_batch_size,
-            "an integer >= 1",
-        )
-        check(
-            isinstance(self.eval_every, int) and self.eval_every >= 1,
-            f"{p}.eval_every",
-            self.eval_every,
-            "an integer >= 1",
-        )
-        check(self.lr > 0, f"{p}.lr", self.lr, "a learning rate > 0")
-        check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a value >= 0")
-        check(0 <= self.momentum < 1, f"{p}.momentum", self.momentum, "a value in [0, 1)")
-        check(
-            0 <= self.label_smoothing < 1,
-            f"{p}.label_smoothing",
-            self.label_smoothing,
-            "a value in [0, 1)",
-        )
-        check(self.warmup_epochs >= 0, f"{p}.warmup_epochs", self.warmup_epochs, "a value >= 0")
-        check_choice(f"{p}.optimizer", self.optimizer, OPTIMIZERS)
-        check_choice(f"{p}.lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_choice(f"{p}.precision", self.precision, PRECISIONS)
+        validate_schedule(asdict(self), p)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -227,6 +171,10 @@ def make_loaders(
     crop_padding: int = 4,
     flip: bool = True,
 ) -> tuple[TensorLoader, TensorLoader]:
+    if hasattr(data, "loaders"):  # a streaming data set (image folders) builds its own
+        return data.loaders(
+            cfg.batch_size, cfg.eval_batch_size, device, seed, channels_last=cfg.channels_last
+        )
     train = TensorLoader(
         data.train,
         cfg.batch_size,
@@ -288,7 +236,7 @@ def fit(
         start, best = resume_state["epoch"], resume_state["best_acc"]
         history, wall = list(resume_state["history"]), resume_state["wall_s"]
         log.info("resuming from epoch %d of %d (best %.2f%%)", start, cfg.epochs, best)
-    extra = dict(extra_state or {}, arch=model.arch)
+    extra = dict(extra_state or {})
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch)
@@ -330,18 +278,16 @@ def fit(
                     writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
         for cb in callbacks:
             cb.on_epoch_end(epoch + 1, model, writer)
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = checkpoint_state(model, **extra)
         if evaluated and te["acc"] > best:
             best = te["acc"]
             save_checkpoint(
-                run_dir / "best.pt",
-                {**extra, "model": weights, "epoch": epoch + 1, "test_acc": te["acc"]},
+                run_dir / "best.pt", {**state, "epoch": epoch + 1, "test_acc": te["acc"]}
             )
         save_checkpoint(
             run_dir / "last.pt",
             {
-                **extra,
-                "model": weights,
+                **state,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch + 1,

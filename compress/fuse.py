@@ -23,7 +23,7 @@ from torch import nn
 from compress.models.blocks import Activation, ChannelShuffle
 from compress.models.resnet import Shortcut
 from compress.quant.modules import QConv2d, QLinear
-from compress.quant.quantizers import BinaryAct, BinaryWeight, TernaryWeight
+from compress.quant.quantizers import BinaryAct, BinaryWeight, Quantizer, TernaryWeight
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ _LEAVES = (
     nn.BatchNorm2d,
     nn.BatchNorm1d,
     Activation,
+    Quantizer,  # an activation quantizer at a ReLU call site (models without Activation slots)
     ChannelShuffle,
     Shortcut,
     nn.MaxPool2d,
@@ -80,11 +81,8 @@ def plan_fusion(model: nn.Module) -> Plan:
             continue
         name = node.target
         user = _single_user(node)
-        binary_next = (
-            user is not None
-            and isinstance(mod(user), Activation)
-            and isinstance(mod(user).fn, BinaryAct)
-        )
+        act = mod(user) if user is not None else None
+        binary_next = isinstance(getattr(act, "fn", act), BinaryAct)
         src, pooled = node.args[0], False
         while isinstance(mod(src), nn.Identity | nn.MaxPool2d) and len(src.users) == 1:
             pooled |= isinstance(mod(src), nn.MaxPool2d)

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from compress.cli import write_json
+from compress.config import validate_run
 from compress.errors import ConfigError, check_choice
-from compress.experiment import run_training
+from compress.tasks import fuse as fuse_task
+from compress.tasks import prune as prune_task
+from compress.tasks import train as train_task
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
-    run_training(cfg, stage_dir)
+    train_task.run(cfg, stage_dir)
     return stage_dir / "best.pt"
 
 
@@ -46,16 +49,12 @@ def _sparse_train_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
 
 
 def _prune_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
-    from compress.experiment import run_prune
-
-    run_prune({**cfg, "ckpt": cfg["init_from"]}, stage_dir)
+    prune_task.run({**cfg, "ckpt": cfg["init_from"]}, stage_dir)
     return stage_dir / "pruned.pt"
 
 
 def _fuse_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
-    from compress.experiment import run_fuse
-
-    run_fuse({**cfg, "ckpt": cfg["init_from"]}, stage_dir)
+    fuse_task.run({**cfg, "ckpt": cfg["init_from"]}, stage_dir)
     return stage_dir / "fused.pt"
 
 
@@ -91,6 +90,7 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         groups = {k: spec.pop(k) for k in GROUP_KEYS if k in spec}
         stage_cfg = _merge(base, {**groups, "schedule": spec})
         stage_cfg["resume"], stage_cfg["refine"] = False, None
+        validate_run(stage_cfg, where=f"schedule.stages[{i}]")  # all stages before any trains
         out.append((kind, f"{i:02d}_{name}", stage_cfg))
         have_weights = True
     return out
@@ -100,7 +100,8 @@ def run_pipeline(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """Run `cfg` as a single training run, or as its `schedule.stages` in order."""
     run_dir = Path(run_dir)
     if not cfg["schedule"].get("stages"):
-        return run_training(cfg, run_dir)
+        validate_run(cfg)
+        return train_task.run(cfg, run_dir)
     stages = plan(cfg)
     first = cfg.get("init_from") or cfg.get("refine")
     previous: Path | None = Path(first) if first else None

@@ -129,7 +129,8 @@ def test_fuse_cli_end_to_end(cli, tmp_path):
         "latency_ms_bs64_after",
     ):
         assert key in m
-    from compress.checkpoint import load_checkpoint, model_from_checkpoint
+    from compress.checkpoint import load_checkpoint
+    from compress.spec import model_from_checkpoint
 
     fused = model_from_checkpoint(load_checkpoint(out / "fused.pt"))
     assert not any(isinstance(x, torch.nn.BatchNorm2d) for x in fused.modules())

@@ -37,8 +37,8 @@ def test_subsets_are_seeded_and_sized():
 
 
 def test_unknown_dataset_and_bad_subset_are_clear_errors():
-    with pytest.raises(ConfigError, match="dataset.name='imagenet' is invalid: expected one of"):
-        load_dataset("imagenet")
+    with pytest.raises(ConfigError, match="dataset.name='nope' is invalid: expected one of"):
+        load_dataset("nope")
     with pytest.raises(ConfigError, match="dataset.train_subset=0"):
         load_dataset("synthetic", train_subset=0)
 

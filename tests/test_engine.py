@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from compress import engine
-from compress.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.engine import TrainConfig, lr_factor
 from compress.errors import CheckpointError, ConfigError
-from compress.experiment import run_training
 from compress.models import create_model
+from compress.spec import model_from_checkpoint
+from compress.tasks.train import run as run_training
 
 
 def tiny_cfg(**schedule) -> dict:

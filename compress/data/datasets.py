@@ -86,6 +86,14 @@ def load_dataset(
     check_choice("dataset.name", name, list_datasets())
     for key, n in (("train_subset", train_subset), ("test_subset", test_subset)):
         check(n is None or n >= 1, f"dataset.{key}", n, "a positive integer or null")
+    if "streaming" in kwargs:  # image folders: read from disk batch by batch (folder.py), or not
+        from compress.data.folder import load_streaming
+
+        streamed = load_streaming(
+            name, Path(root), download, train_subset, test_subset, seed, kwargs
+        )
+        if streamed is not None:
+            return streamed  # type: ignore[return-value]
     ds = _LOADERS[name](root=Path(root), download=download, **kwargs)
     ds.train = ds.train.subset(train_subset, seed)
     ds.test = ds.test.subset(test_subset, seed + 1)

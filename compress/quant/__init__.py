@@ -1,11 +1,12 @@
 """Quantization-aware training: quantizers, quantized layers, and `quantize_`."""
 
 from compress.quant.api import (
+    applied_label,
     bit_widths,
     is_quantized,
-    quant_callbacks,
     quant_label,
     quantize_,
+    register_weight_handler,
     to_float,
 )
 from compress.quant.modules import QConv2d, QLinear
@@ -17,7 +18,8 @@ __all__ = [
     "act_quantizer",
     "bit_widths",
     "is_quantized",
-    "quant_callbacks",
+    "applied_label",
+    "register_weight_handler",
     "quant_label",
     "quantize_",
     "to_float",

@@ -1,37 +1,107 @@
-"""quantize_(model, cfg): turn a float model into a quantization-aware one, in place.
+"""quantize_(model, cfg, filter_fn): turn any float nn.Module into a quantization-aware one.
 
 cfg (the `quant` config group, as a dict):
   weight: {kind: fp32|dorefa|ternary|binary, bits, gap, scale, center, clip}
   act:    {kind: fp32|dorefa|pact|ternary|binary, bits, threshold, grad, clip_init}
-  keep_first_last: keep the first conv and the classifier full precision (default true)
+  keep_first_last: keep the first and the last conv / linear layer (in execution order) float
   keep: names of further conv / linear layers to keep full precision
-Weights: every Conv2d / Linear not kept becomes a QConv2d / QLinear sharing its parameters.
-Activations: every `Activation` slot of the model gets the activation quantizer.
+
+Weights go through a handler table keyed by exact type (torchao's shape): a Conv2d subclass
+with its own forward is left alone unless its type is registered with `register_weight_handler`.
+
+Activations: a model built from this project's `Activation` slots gets the quantizer in every
+slot (its plain nn.ReLUs mark activations that must stay float, e.g. on the logits). Any other
+model gets it in place of every ReLU / ReLU6 module: the ReLU call sites. We quantize there
+rather than at the input of every quantized layer because DoReFa and PACT quantize to [0, a]:
+a layer input that can be negative (a MobileNet bottleneck, a pre-activation residual stream)
+would be clipped to zero, while a ReLU's output is non-negative by construction and the
+quantizer's clip subsumes the ReLU, exactly as in the project's own models.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import nn
 
-from compress.engine import Callback
+from compress.config import validate_quant
 from compress.errors import ConfigError
 from compress.models.blocks import Activation
 from compress.quant.modules import QConv2d, QLinear
-from compress.quant.quantizers import BinaryWeight, act_quantizer, weight_quantizer
+from compress.quant.quantizers import (
+    BinaryAct,
+    BinaryWeight,
+    DoReFaAct,
+    FP32Act,
+    PACTAct,
+    Quantizer,
+    TernaryAct,
+    act_quantizer,
+    weight_quantizer,
+)
 
-QUANT_KEYS = {"name", "weight", "act", "keep", "keep_first_last"}
+log = logging.getLogger(__name__)
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+# exact type -> builder of the quantized module from the float one and a weight quantizer
+WEIGHT_HANDLERS: dict[type[nn.Module], Callable[[Any, Quantizer], nn.Module]] = {
+    nn.Conv2d: QConv2d.from_float,
+    nn.Linear: QLinear.from_float,
+}
+# module types whose output an activation quantizer replaces in a model without Activation slots
+ACT_SITES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+ACT_QUANTIZERS = (FP32Act, DoReFaAct, PACTAct, TernaryAct, BinaryAct)
+
+
+def register_weight_handler(cls: type[nn.Module], handler: Callable[..., nn.Module]) -> None:
+    """Quantize the weights of modules of exact type `cls` with `handler(module, quantizer)`."""
+    WEIGHT_HANDLERS[cls] = handler
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    """Conv / linear layers (float or already quantized), in registration order."""
+    quantized = (QConv2d, QLinear)
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) in WEIGHT_HANDLERS or isinstance(m, quantized)
+    ]
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+class _OrderTracer(fx.Tracer):
+    """Records the order in which leaf modules run; nothing else of the graph is needed."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QConv2d | QLinear | Activation) or super().is_leaf_module(m, qualname)
+
+
+def execution_order(model: nn.Module, names: list[str]) -> list[str]:
+    """`names` sorted by when forward first calls them (FX trace); registration order, with a
+    notice, for a model that cannot be traced."""
+    try:
+        graph = _OrderTracer().trace(model)
+    except Exception as e:  # any tracing failure: fall back, the order is only a default
+        log.warning(
+            "quant: cannot trace %s (%s); first / last layers taken in registration order",
+            type(model).__name__,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        return names
+    seen: list[str] = []
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in names and node.target not in seen:
+            seen.append(node.target)
+    return seen + [n for n in names if n not in seen]  # layers forward never calls: last
 
 
 def kept_layers(model: nn.Module, cfg: dict[str, Any]) -> list[str]:
@@ -46,20 +116,14 @@ def kept_layers(model: nn.Module, cfg: dict[str, Any]) -> list[str]:
                 f"(its layers: {shown})"
             )
     if cfg.get("keep_first_last", True) and names:
-        keep += [names[0], names[-1]]
+        ordered = execution_order(model, names)
+        keep += [ordered[0], ordered[-1]]
     return sorted(set(keep), key=names.index)
 
 
 def validate(cfg: dict[str, Any]) -> None:
     """Check a quant config without building anything (start-up validation)."""
-    extra = set(cfg) - QUANT_KEYS
-    if extra:
-        raise ConfigError(
-            f"quant.{sorted(extra)[0]} is not a known key: expected one of "
-            + ", ".join(sorted(QUANT_KEYS))
-        )
-    weight_quantizer(dict(cfg.get("weight") or {}))
-    act_quantizer(dict(cfg.get("act") or {}))
+    validate_quant(cfg)
 
 
 def is_quantized(cfg: dict[str, Any] | None) -> bool:
@@ -70,21 +134,58 @@ def is_quantized(cfg: dict[str, Any] | None) -> bool:
     ) != "fp32"
 
 
-def quantize_(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
-    """Swap layers and activations for their quantized versions as `cfg` says (in place)."""
+def activation_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Where activation quantizers go: the model's Activation slots if it has any, else its
+    ReLU / ReLU6 modules (exact types)."""
+    slots = [(n, m) for n, m in model.named_modules() if isinstance(m, Activation)]
+    if slots:
+        return slots
+    return [(n, m) for n, m in model.named_modules() if type(m) in ACT_SITES]
+
+
+def quantize_(
+    model: nn.Module, cfg: dict[str, Any], filter_fn: FilterFn | None = None
+) -> nn.Module:
+    """Swap layers and activations for their quantized versions as `cfg` says (in place).
+
+    `filter_fn(module, name)`: only conv / linear layers for which it returns True get
+    quantized weights (after `keep` / `keep_first_last`). `model.quant_config` afterwards holds
+    what was really applied: a part that matched nothing is refused, never silently reported.
+    """
     validate(cfg)
-    keep = set(kept_layers(model, cfg))
     wcfg, acfg = dict(cfg.get("weight") or {}), dict(cfg.get("act") or {})
+    name = getattr(model, "arch", {}).get("name", type(model).__name__)
     if wcfg.get("kind", "fp32") != "fp32":
-        for name, m in _layers(model):
-            if name in keep or isinstance(m, QConv2d | QLinear):
+        keep = set(kept_layers(model, cfg))
+        swapped = 0
+        for lname, m in _layers(model):
+            if lname in keep or isinstance(m, QConv2d | QLinear):
                 continue
-            qcls = QConv2d if isinstance(m, nn.Conv2d) else QLinear
-            _set(model, name, qcls.from_float(m, weight_quantizer(wcfg)))
+            if filter_fn is not None and not filter_fn(m, lname):
+                continue
+            _set(model, lname, WEIGHT_HANDLERS[type(m)](m, weight_quantizer(wcfg)))
+            swapped += 1
+        if swapped == 0:
+            raise ConfigError(
+                f"quant.weight.kind={wcfg['kind']}: no layer of {name} was quantized (every "
+                "conv / linear layer is kept, filtered out, or of an unregistered type); set "
+                "quant.keep_first_last=false or register the layer type"
+            )
     if acfg.get("kind", "fp32") != "fp32":
-        for m in model.modules():
+        sites = activation_sites(model)
+        if not sites:
+            raise ConfigError(
+                f"quant.act.kind={acfg['kind']}: {name} has no activation to quantize (no "
+                "Activation slot, nn.ReLU or nn.ReLU6 module; F.relu calls inside forward are "
+                "not seen): use nn.ReLU modules, or quant.act.kind=fp32"
+            )
+        for sname, m in sites:
             if isinstance(m, Activation):
                 m.fn = act_quantizer(acfg)
+            else:
+                q = act_quantizer(acfg)
+                q.float_type = type(m)  # what to_float puts back
+                _set(model, sname, q)
     model.quant_config = dict(cfg)
     return model
 
@@ -94,9 +195,11 @@ def to_float(model: nn.Module) -> nn.Module:
     for name, m in _layers(model):
         if isinstance(m, QConv2d | QLinear):
             _set(model, name, m.to_float())
-    for m in model.modules():
+    for name, m in list(model.named_modules()):
         if isinstance(m, Activation):
             m.fn = nn.ReLU()
+        elif isinstance(m, ACT_QUANTIZERS):
+            _set(model, name, getattr(m, "float_type", nn.ReLU)())
     model.quant_config = None
     return model
 
@@ -117,30 +220,50 @@ def quant_label(cfg: dict[str, Any] | None) -> str:
     return f"w{part(dict(cfg.get('weight') or {}))}a{part(dict(cfg.get('act') or {}))}"
 
 
+def act_quantizers(model: nn.Module) -> list[Quantizer]:
+    """The activation quantizers installed in a model (in slots or at ReLU call sites)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, Activation) and isinstance(m.fn, Quantizer):
+            out.append(m.fn)
+        elif isinstance(m, ACT_QUANTIZERS):
+            out.append(m)
+    return out
+
+
 def bit_widths(model: nn.Module) -> tuple[int, int]:
     """(weight bits, activation bits) of the quantized part of the model (32 when float)."""
     w = [m.weight_bits for m in model.modules() if isinstance(m, QConv2d | QLinear)]
-    a = [getattr(m.fn, "bits", 32) for m in model.modules() if isinstance(m, Activation)]
+    a = [q.bits for q in act_quantizers(model)]
     return (min(w) if w else 32), (min(a) if a else 32)
 
 
-class ClipLatentWeights(Callback):
-    """BNN's weight clipping: keep the latent weights of binary layers with clip=true in
-    [-1, 1] after every optimizer step, so their sign stays responsive to updates."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.params = [
-            m.weight
-            for m in model.modules()
-            if isinstance(getattr(m, "weight_quant", None), BinaryWeight) and m.weight_quant.clip
-        ]
-
-    def after_step(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for p in self.params:
-                p.clamp_(-1, 1)
+def applied_label(model: nn.Module) -> str:
+    """The run name of what `model` really computes: `quant_label` of the kinds installed."""
+    cfg = getattr(model, "quant_config", None)
+    if not cfg:
+        return "fp32"
+    has_w = any(isinstance(m, QConv2d | QLinear) for m in model.modules())
+    has_a = any(q.kind != "fp32" for q in act_quantizers(model))
+    applied = {
+        "weight": cfg.get("weight") if has_w else {"kind": "fp32"},
+        "act": cfg.get("act") if has_a else {"kind": "fp32"},
+    }
+    return quant_label(applied)
 
 
-def quant_callbacks(model: nn.Module) -> list[Callback]:
-    clip = ClipLatentWeights(model)
-    return [clip] if clip.params else []
+def latent_clip_params(model: nn.Module) -> list[nn.Parameter]:
+    """Latent weights of binary layers with clip=true (BNN's weight clipping)."""
+    return [
+        m.weight
+        for m in model.modules()
+        if isinstance(getattr(m, "weight_quant", None), BinaryWeight) and m.weight_quant.clip
+    ]
+
+
+def clip_latent_weights_(params: list[nn.Parameter]) -> None:
+    """Keep latent binary weights in [-1, 1] (call after each optimizer step), so their sign
+    stays responsive to updates."""
+    with torch.no_grad():
+        for p in params:
+            p.clamp_(-1, 1)

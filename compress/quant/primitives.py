@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-GRAD_MODES = ("ste", "saturate_ste", "soft_ste")
+from compress.config import GRAD_MODES
 
 
 def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,20 @@ with a defined gradient; `bits` is its storage width (32 for fp32, 2 ternary, 1 
 
 from __future__ import annotations
 
-import math
+from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from compress.errors import ConfigError, check, check_choice
+from compress.config import (
+    ACT_KINDS,
+    WEIGHT_KINDS,
+    ActQuantConfig,
+    WeightQuantConfig,
+    check_known,
+    validate_quantizer,
+)
 from compress.quant import primitives as P
 
 
@@ -137,58 +144,21 @@ class BinaryAct(Quantizer):
         return f"grad={self.grad}"
 
 
-KINDS = ("fp32", "dorefa", "ternary", "binary")
-ACT_KINDS = (*KINDS, "pact")
+KINDS = WEIGHT_KINDS  # the choices and checks live in compress.config
+_W, _A = WeightQuantConfig, ActQuantConfig  # their defaults
 
 
 def _validate(prefix: str, cfg: dict[str, Any], kinds: tuple[str, ...] = KINDS) -> str:
-    kind = cfg.get("kind", "fp32")
-    check_choice(f"{prefix}.kind", kind, kinds)
-    if kind in ("dorefa", "pact"):
-        bits = cfg.get("bits")
-        check(
-            isinstance(bits, int) and 2 <= bits <= 16,
-            f"{prefix}.bits",
-            bits,
-            f"an integer from 2 to 16 for kind={kind} (use kind=ternary or binary below 2)",
-        )
-    if kind == "pact":
-        clip = cfg.get("clip_init", 6.0)
-        check(
-            isinstance(clip, (int, float))
-            and not isinstance(clip, bool)
-            and math.isfinite(clip)
-            and clip > 0,
-            f"{prefix}.clip_init",
-            clip,
-            "a starting clip value > 0",
-        )
-        check(
-            cfg.get("grad", "saturate_ste") == "saturate_ste",
-            f"{prefix}.grad",
-            cfg.get("grad"),
-            "saturate_ste for kind=pact (its gradient is defined by the learned clip)",
-        )
-    if "grad" in cfg:
-        check_choice(f"{prefix}.grad", cfg["grad"], P.GRAD_MODES)
-    if "gap" in cfg:
-        check(cfg["gap"] > 0, f"{prefix}.gap", cfg["gap"], "a ternary threshold gap > 0")
-    if "threshold" in cfg:
-        check(cfg["threshold"] >= 0, f"{prefix}.threshold", cfg["threshold"], "a value >= 0")
-    return kind
+    """Range checks of a quantizer dict (compress.config.validate_quantizer); returns its kind."""
+    return validate_quantizer(cfg, prefix, kinds)
 
 
 def _known(prefix: str, cfg: dict[str, Any], allowed: set[str]) -> None:
-    extra = set(cfg) - allowed
-    if extra:
-        raise ConfigError(
-            f"{prefix}.{sorted(extra)[0]} is not a known key: expected one of "
-            + ", ".join(sorted(allowed))
-        )
+    check_known(prefix, cfg, allowed)
 
 
-WEIGHT_KEYS = {"kind", "bits", "gap", "scale", "center", "clip"}
-ACT_KEYS = {"kind", "bits", "threshold", "grad", "clip_init"}
+WEIGHT_KEYS = {f.name for f in fields(WeightQuantConfig)}
+ACT_KEYS = {f.name for f in fields(ActQuantConfig)}
 
 
 def weight_quantizer(cfg: dict[str, Any], prefix: str = "quant.weight") -> Quantizer:
@@ -199,10 +169,10 @@ def weight_quantizer(cfg: dict[str, Any], prefix: str = "quant.weight") -> Quant
     if kind == "dorefa":
         return DoReFaWeight(cfg["bits"])
     if kind == "ternary":
-        return TernaryWeight(cfg.get("gap", 0.7), cfg.get("scale", True))
+        return TernaryWeight(cfg.get("gap", _W.gap), cfg.get("scale", _W.scale))
     if kind == "binary":
         return BinaryWeight(
-            cfg.get("scale", True), cfg.get("center", False), cfg.get("clip", False)
+            cfg.get("scale", _W.scale), cfg.get("center", _W.center), cfg.get("clip", _W.clip)
         )
     return FP32Weight()
 
@@ -211,13 +181,13 @@ def act_quantizer(cfg: dict[str, Any], prefix: str = "quant.act") -> Quantizer:
     """Build an activation quantizer from {kind, bits, threshold, grad, clip_init}."""
     _known(prefix, cfg, ACT_KEYS)
     kind = _validate(prefix, cfg, ACT_KINDS)
-    grad = cfg.get("grad", "saturate_ste")
+    grad = cfg.get("grad", _A.grad)
     if kind == "dorefa":
         return DoReFaAct(cfg["bits"], grad)
     if kind == "pact":
-        return PACTAct(cfg["bits"], float(cfg.get("clip_init", 6.0)))
+        return PACTAct(cfg["bits"], float(cfg.get("clip_init", _A.clip_init)))
     if kind == "ternary":
-        return TernaryAct(cfg.get("threshold", 0.5), grad)
+        return TernaryAct(cfg.get("threshold", _A.threshold), grad)
     if kind == "binary":
         return BinaryAct(grad)
     return FP32Act()

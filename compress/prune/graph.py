@@ -1,0 +1,738 @@
+"""A channel-dependency graph of any traceable model, built from an FX trace and shapes.
+
+Every output channel of a conv / linear layer is an *atom*. Atoms flow through the traced
+graph as lists (one atom per channel, or per feature after a flatten); an op that mixes two
+lists channel by channel (a residual add, an SE multiply, a depthwise conv) unites their atoms,
+a concatenation joins lists, a channel shuffle permutes one. Atoms united end up in one *class*:
+channels that must be pruned together. Classes whose atoms come from the same layers form a
+*group*, ranked and thinned as one unit.
+
+Anything the graph does not understand freezes the channels it touches (never pruned), so an
+unknown op can cost pruning opportunities but never produce a wrong model. That is where this
+graph differs from Torch-Pruning, which assumes an unknown op keeps channels in place (wrong
+for this project's channel shuffle and option-A shortcut, see the README).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from compress.errors import CompressError
+from compress.models.blocks import Activation, ChannelShuffle
+
+
+class PruneError(CompressError):
+    """The model or checkpoint cannot be pruned as asked."""
+
+
+# Modules that act on each channel alone: channels pass through unchanged.
+CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
+    Activation,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Upsample,
+)
+CHANNELWISE_FUNCTIONS: set[Any] = {
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.clamp,
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.hardtanh,
+    F.hardswish,
+    F.silu,
+    F.gelu,
+    F.dropout,
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
+}
+CHANNELWISE_METHODS = {
+    "relu",
+    "relu_",
+    "sigmoid",
+    "clamp",
+    "clamp_",
+    "contiguous",
+    "clone",
+    "float",
+    "to",
+    "detach",
+}
+MIXING_OPS: set[Any] = {
+    operator.add,
+    operator.iadd,
+    operator.sub,
+    operator.mul,
+    operator.imul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+}
+MIXING_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}
+FLATTENS: set[Any] = {torch.flatten}
+BNS = (nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+# ---------------------------------------------------------------- tracing
+class _Tracer(fx.Tracer):
+    """Leaves: layers with parameters the graph edits, the channel-wise modules, and any type
+    the caller names. Remembers the module being traced when tracing fails."""
+
+    def __init__(self, leaves: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self.leaves = leaves
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.Conv2d, nn.Linear, ChannelShuffle, *BNS, *self.leaves)):
+            return True
+        if isinstance(m, CHANNELWISE_MODULES):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):  # type: ignore[no-untyped-def]
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def trace(
+    model: nn.Module, example: torch.Tensor, leaves: Sequence[type[nn.Module]] = ()
+) -> fx.GraphModule:
+    """FX graph of `model` with every node's output shape in `node.meta["tensor_meta"]`."""
+    tracer = _Tracer(tuple(leaves))
+    name = getattr(model, "arch", {}).get("name", type(model).__name__)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        where = f"module '{tracer.failed_in}'" if tracer.failed_in else "its forward"
+        kind = ""
+        if tracer.failed_in:
+            kind = f" ({type(model.get_submodule(tracer.failed_in)).__name__})"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PruneError(
+            f"cannot trace {name}: {where}{kind} has data-dependent control flow or an "
+            f"untraceable call ({first}); mark its type a leaf (channel_graph(..., leaves=[Type]), "
+            "its channels are then kept) or prune this model with a per-model handler"
+        ) from None
+    gm = fx.GraphModule(model, graph)
+    was_training = model.training
+    gm.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    model.train(was_training)
+    return gm
+
+
+# ---------------------------------------------------------------- union-find over atoms
+class _Atoms:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.frozen: list[bool] = []
+
+    def new(self, n: int, frozen: bool = False) -> list[int]:
+        start = len(self.parent)
+        self.parent += range(start, start + n)
+        self.frozen += [frozen] * n
+        return list(range(start, start + n))
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+            self.frozen[ra] = self.frozen[ra] or self.frozen[rb]
+
+    def freeze(self, atoms: Iterable[int]) -> None:
+        for a in atoms:
+            self.frozen[self.find(a)] = True
+
+    def is_frozen(self, a: int) -> bool:
+        return self.frozen[self.find(a)]
+
+
+@dataclass
+class Chunks:
+    """A constraint: `atoms` split into `parts` equal contiguous chunks that must stay equal
+    (the groups of a grouped conv, on its input or output; the input of a channel shuffle)."""
+
+    atoms: list[int]
+    parts: int
+
+
+@dataclass
+class Layer:
+    """How one module reads or writes channels: the atom list of its input and its output."""
+
+    name: str
+    module: nn.Module
+    inputs: list[int] | None = None  # conv / linear / BN input atoms (one per channel/feature)
+    outputs: list[int] | None = None  # conv / linear output atoms (None: shares the input's)
+
+
+@dataclass
+class Group:
+    """Coupled channels pruned together: `classes` are their atom classes, in the order of the
+    first layer that produces them; `cells` split them into parts that keep equal counts."""
+
+    index: int
+    layers: list[str]  # the conv / linear layers producing these channels
+    classes: list[int]
+    cells: list[torch.Tensor]  # indices into `classes`
+    # (BN name, its channels that scale this group, the class index of each of them)
+    bns: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return len(self.classes)
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _shuffle(lst: list[int], groups: int) -> list[int]:
+    """The atom list after ChannelShuffle(groups): channel c goes to (c % per) * g + c // per."""
+    per = len(lst) // groups
+    out = [0] * len(lst)
+    for c, a in enumerate(lst):
+        out[(c % per) * groups + c // per] = a
+    return out
+
+
+class _Walker:
+    """One pass over the graph computing each node's atom list.
+
+    `outputs` maps a producing layer to the atom list it emits; left None, fresh atoms are made
+    and all the coupling facts (unions, freezes, constraints, layer inputs) are recorded.
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        atoms: _Atoms,
+        produced: dict[str, list[int]] | None = None,
+        constants: dict[str, list[int]] | None = None,
+    ) -> None:
+        self.gm, self.atoms, self.produced = gm, atoms, produced
+        self.record = produced is None
+        # the first pass's lists: shape checks compare with the unpruned widths
+        self.ref: dict[fx.Node, list[int] | None] = {}
+        self.constants: dict[str, list[int]] = constants if constants is not None else {}
+        self.mods = dict(gm.named_modules())
+        self.lists: dict[fx.Node, list[int] | None] = {}
+        self.layers: dict[str, Layer] = {}
+        self.chunks: list[Chunks] = []
+        self.spaces: dict[str, list[int]] = {}  # producing layer -> its output atoms
+        self.depthwise: set[str] = set()
+
+    # -- helpers
+    def _rlen(self, a: fx.Node) -> int:
+        """Length of `a`'s list before pruning."""
+        ref = self.ref if self.ref else self.lists
+        return len(ref[a] or [])
+
+    def _arg(self, a: Any) -> list[int] | None:
+        return self.lists.get(a) if isinstance(a, fx.Node) else None
+
+    def _tensor_args(self, node: fx.Node, lengths: bool = False) -> list[Any]:
+        out: list[Any] = []
+
+        def visit(x: Any) -> Any:
+            lst = self._arg(x)
+            if lst is not None:
+                out.append((lst, self._rlen(x)) if lengths else lst)
+            return x
+
+        fx.node.map_arg((node.args, node.kwargs), visit)
+        return out
+
+    def _opaque(self, node: fx.Node) -> list[int] | None:
+        """An op this graph does not know: its inputs' channels are frozen, its output is new."""
+        if self.record:
+            for lst in self._tensor_args(node):
+                self.atoms.freeze(lst)
+        return self._constant(node)
+
+    def _constant(self, node: fx.Node) -> list[int] | None:
+        """Frozen channels that come from outside the graph's layers (the input, a tensor
+        attribute, an unknown op): the same atoms in both passes."""
+        shape = _shape(node)
+        if shape is None or len(shape) < 2:
+            return None
+        if self.record:
+            self.constants[node.name] = self.atoms.new(shape[1], frozen=True)
+        return list(self.constants[node.name])
+
+    def _fresh(self, name: str, n: int) -> list[int]:
+        if self.record:
+            lst = self.atoms.new(n)
+            self.spaces[name] = lst
+            return lst
+        return list(self.produced[name])  # type: ignore[index]
+
+    def _mix(self, node: fx.Node) -> list[int] | None:
+        pairs = self._tensor_args(node, lengths=True)
+        shape = _shape(node)
+        if not pairs:
+            return None
+        width = shape[1] if shape is not None and len(shape) >= 2 else None
+        full = [lst for lst, n in pairs if n == width]
+        broadcast = [n for _, n in pairs if n != width]
+        if not full or any(n != 1 for n in broadcast):
+            return self._opaque(node)
+        if self.record:
+            for other in full[1:]:
+                for a, b in zip(full[0], other, strict=True):
+                    self.atoms.union(a, b)
+        return list(full[0])
+
+    # -- node kinds
+    def module(self, node: fx.Node) -> list[int] | None:
+        m, name = self.mods[node.target], str(node.target)
+        x = self._arg(node.args[0]) if node.args else None
+        if x is None:
+            return self._opaque(node)
+        if isinstance(m, nn.Conv2d):
+            return self._conv(name, m, x)
+        if isinstance(m, nn.Linear):
+            shape = _shape(node.args[0])
+            if shape is None or len(shape) != 2:
+                return self._opaque(node)
+            self.layers[name] = Layer(name, m, inputs=x)
+            return self._fresh(name, m.out_features)
+        if isinstance(m, BNS):
+            self.layers[name] = Layer(name, m, inputs=x)
+            return x
+        if isinstance(m, ChannelShuffle):
+            if self.record:
+                self.chunks.append(Chunks(list(x), m.groups))
+            return _shuffle(x, m.groups)
+        if isinstance(m, CHANNELWISE_MODULES):
+            return x
+        if isinstance(m, nn.Flatten):
+            return self._flatten(node, x)
+        return self._opaque(node)
+
+    def _conv(self, name: str, m: nn.Conv2d, x: list[int]) -> list[int]:
+        g = m.groups
+        if g > 1 and g == m.in_channels == m.out_channels:  # depthwise: channel i -> channel i
+            self.depthwise.add(name)
+            self.layers[name] = Layer(name, m, inputs=x)
+            return x
+        if g > 1 and m.in_channels == g:  # depthwise with a multiplier: kept whole
+            if self.record:
+                self.atoms.freeze(x)
+            self.layers[name] = Layer(name, m, inputs=x)
+            out = self._fresh(name, m.out_channels)
+            if self.record:
+                self.atoms.freeze(out)
+            return out
+        self.layers[name] = Layer(name, m, inputs=x)
+        out = self._fresh(name, m.out_channels)
+        if self.record and g > 1:
+            self.chunks += [Chunks(list(x), g), Chunks(list(out), g)]
+        return out
+
+    def _flatten(self, node: fx.Node, x: list[int]) -> list[int] | None:
+        src, dst = _shape(node.args[0]), _shape(node)
+        if src is None or dst is None or len(dst) != 2 or len(src) < 2:
+            return self._opaque(node)
+        per = 1
+        for d in src[2:]:
+            per *= d
+        if dst[1] != src[1] * per or self._rlen(node.args[0]) != src[1]:
+            return self._opaque(node)
+        return [a for a in x for _ in range(per)]
+
+    def function(self, node: fx.Node) -> list[int] | None:
+        t = node.target
+        if node.op == "call_method":
+            if t in CHANNELWISE_METHODS:
+                return self._arg(node.args[0])
+            if t in MIXING_METHODS:
+                return self._mix(node)
+            if t in ("size", "dim"):
+                return None
+            if t in ("flatten", "view", "reshape"):
+                x = self._arg(node.args[0])
+                return self._flatten(node, x) if x is not None else None
+            if t == "mean":
+                return self._mean(node)
+            return self._opaque(node) if self._tensor_args(node) else None
+        if t in CHANNELWISE_FUNCTIONS:
+            return self._arg(node.args[0])
+        if t in MIXING_OPS:
+            return self._mix(node)
+        if t in FLATTENS or t is torch.reshape:
+            x = self._arg(node.args[0])
+            return self._flatten(node, x) if x is not None else None
+        if t is torch.cat:
+            return self._cat(node)
+        if t is operator.getitem:
+            return self._getitem(node)
+        if t is torch.mean:
+            return self._mean(node)
+        if not self._tensor_args(node):
+            return None
+        return self._opaque(node)
+
+    def _mean(self, node: fx.Node) -> list[int] | None:
+        x = self._arg(node.args[0])
+        src, dst = _shape(node.args[0]), _shape(node)
+        if (
+            x is not None
+            and src
+            and dst
+            and len(dst) >= 2
+            and dst[1] == src[1] == self._rlen(node.args[0])
+        ):
+            return x  # a mean over spatial dims keeps the channels
+        return self._opaque(node)
+
+    def _cat(self, node: fx.Node) -> list[int] | None:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        lists = [self._arg(t) for t in tensors]
+        shape = _shape(node)
+        if dim in (1, -3) and shape is not None and len(shape) == 4 and all(lists):
+            return [a for lst in lists for a in lst]  # type: ignore[union-attr]
+        return self._opaque(node)
+
+    def _getitem(self, node: fx.Node) -> list[int] | None:
+        x = self._arg(node.args[0])
+        if x is None:
+            return None
+        idx = node.args[1]
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        full = slice(None, None, None)
+        if len(idx) >= 2 and idx[0] == full and idx[1] == full and Ellipsis not in idx:
+            return x  # spatial slicing only
+        return self._opaque(node)
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder", "get_attr"):
+                self.lists[node] = self._constant(node)
+            elif node.op == "call_module":
+                self.lists[node] = self.module(node)
+            elif node.op in ("call_function", "call_method"):
+                self.lists[node] = self.function(node)
+            elif node.op == "output" and self.record:
+                for lst in self._tensor_args(node):
+                    self.atoms.freeze(lst)
+
+
+# ---------------------------------------------------------------- the graph
+class ChannelGraph:
+    """The coupled channel groups of `model` for input shape `example.shape`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        leaves: Sequence[type[nn.Module]] = (),
+    ) -> None:
+        self.model = model
+        self.gm = trace(model, example, leaves)
+        self.atoms = _Atoms()
+        walker = _Walker(self.gm, self.atoms, None)
+        walker.run()
+        self.walker = walker
+        self.groups = self._groups()
+
+    def _groups(self) -> list[Group]:
+        w, atoms = self.walker, self.atoms
+        # Slimming ranks channels by BN scales: a space without a BN on its channels is kept.
+        scaled: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for layer in w.layers.values():
+            if isinstance(layer.module, BNS) and layer.module.affine:
+                for ch, a in enumerate(layer.inputs or []):
+                    scaled[atoms.find(a)].append((layer.name, ch))
+        for lst in w.spaces.values():
+            if any(atoms.find(a) not in scaled for a in lst):
+                atoms.freeze(lst)
+        # A space with a frozen channel is kept whole; repeat until nothing changes.
+        changed = True
+        while changed:
+            changed = False
+            for lst in w.spaces.values():
+                frozen = [atoms.is_frozen(a) for a in lst]
+                if any(frozen) and not all(frozen):
+                    atoms.freeze(lst)
+                    changed = True
+        # Group classes by the set of producing layers.
+        owners: dict[int, list[str]] = defaultdict(list)
+        order: list[int] = []
+        for name, lst in w.spaces.items():
+            for a in lst:
+                r = atoms.find(a)
+                if atoms.frozen[r]:
+                    continue
+                if r not in owners:
+                    order.append(r)
+                if name not in owners[r]:
+                    owners[r].append(name)
+        by_key: dict[tuple[str, ...], list[int]] = {}
+        for r in order:
+            by_key.setdefault(tuple(owners[r]), []).append(r)
+        groups, class_group = [], {}
+        for key, classes in by_key.items():
+            for r in classes:
+                class_group[r] = len(groups)
+            groups.append(Group(len(groups), list(key), classes, []))
+        # Cells: classes with the same chunk in every constraint keep equal counts.
+        keys: dict[int, list[int]] = defaultdict(list)
+        bad: set[int] = set()
+        for ci, c in enumerate(w.chunks):
+            per = len(c.atoms) // c.parts
+            touched: set[int] = set()
+            for pos, a in enumerate(c.atoms):
+                r = atoms.find(a)
+                if r in class_group:
+                    keys[r] += [ci, pos // per]
+                    touched.add(class_group[r])
+            if len(touched) > 1:  # a grouped layer reads channels of several groups
+                bad |= touched
+        kept_groups = []
+        for g in groups:
+            if g.index in bad:
+                continue
+            cell_of: dict[tuple[int, ...], list[int]] = {}
+            for i, r in enumerate(g.classes):
+                cell_of.setdefault(tuple(keys[r]), []).append(i)
+            cells = [torch.tensor(v) for v in cell_of.values()]
+            if len({len(c) for c in cells}) != 1:
+                continue  # uneven groups cannot be pruned evenly
+            g.cells = cells
+            kept_groups.append(g)
+        for i, g in enumerate(kept_groups):
+            g.index = i
+            index = {r: k for k, r in enumerate(g.classes)}
+            per_bn: dict[str, list[tuple[int, int]]] = defaultdict(list)
+            for r in g.classes:
+                for bn, ch in scaled[r]:
+                    per_bn[bn].append((ch, index[r]))
+            g.bns = [
+                (bn, torch.tensor([c for c, _ in pairs]), torch.tensor([k for _, k in pairs]))
+                for bn, pairs in ((bn, sorted(p)) for bn, p in per_bn.items())
+            ]
+        return kept_groups
+
+    def bn_names(self) -> list[str]:
+        """BNs whose scales rank prunable channels (those network slimming regularizes)."""
+        return sorted({bn for g in self.groups for bn, _, _ in g.bns})
+
+    # -- thinning
+    def thin_(self, keep: Sequence[torch.Tensor]) -> dict[str, dict[str, int]]:
+        """Remove from `self.model`, in place, every channel of each group not in `keep` (class
+        indices per group). Returns the new width of every layer that changed."""
+        atoms = self.atoms
+        dropped: set[int] = set()
+        for g, k in zip(self.groups, keep, strict=True):
+            kept = set(k.tolist())
+            dropped |= {r for i, r in enumerate(g.classes) if i not in kept}
+        alive = {
+            name: [a for a in lst if atoms.find(a) not in dropped]
+            for name, lst in self.walker.spaces.items()
+        }
+        after = _Walker(self.gm, atoms, alive, self.walker.constants)
+        after.ref = self.walker.lists
+        after.run()
+        widths: dict[str, dict[str, int]] = {}
+        model = self.model
+        for name, old in self.walker.layers.items():
+            new = after.layers[name]
+            m = model.get_submodule(name)
+            out_idx = None
+            if name in self.walker.spaces:
+                out_idx = _positions(self.walker.spaces[name], alive[name], atoms)
+            in_idx = _positions(old.inputs or [], new.inputs or [], atoms)
+            w = _resize(m, name, in_idx, out_idx, depthwise=name in self.walker.depthwise)
+            if w:
+                widths[name] = w
+        return widths
+
+
+def _positions(old: list[int], new: list[int], atoms: _Atoms) -> list[int] | None:
+    """Where each entry of `new` sat in `old` (repeated atoms matched in order); None when
+    nothing changed."""
+    if old == new:
+        return None
+    slots: dict[int, list[int]] = defaultdict(list)
+    for i, a in enumerate(old):
+        slots[a].append(i)
+    taken: dict[int, int] = defaultdict(int)
+    out = []
+    for a in new:
+        out.append(slots[a][taken[a]])
+        taken[a] += 1
+    return out
+
+
+@torch.no_grad()
+def _resize(
+    m: nn.Module,
+    name: str,
+    in_idx: list[int] | None,
+    out_idx: list[int] | None,
+    depthwise: bool,
+) -> dict[str, int]:
+    if in_idx is None and out_idx is None:
+        return {}
+    if isinstance(m, BNS):
+        idx = torch.tensor(in_idx)
+        for attr in ("weight", "bias"):
+            p = getattr(m, attr)
+            if p is not None:
+                setattr(m, attr, nn.Parameter(p.data[idx].clone(), p.requires_grad))
+        for attr in ("running_mean", "running_var"):
+            b = getattr(m, attr)
+            if b is not None:
+                setattr(m, attr, b[idx].clone())
+        m.num_features = len(in_idx)
+        return {"num_features": m.num_features}
+    if isinstance(m, nn.Linear):
+        w = m.weight.data
+        if out_idx is not None:
+            w = w[torch.tensor(out_idx)]
+        if in_idx is not None:
+            w = w[:, torch.tensor(in_idx)]
+        _set_param(m, "weight", w)
+        if m.bias is not None and out_idx is not None:
+            _set_param(m, "bias", m.bias.data[torch.tensor(out_idx)])
+        m.in_features, m.out_features = w.shape[1], w.shape[0]
+        return {"in_features": m.in_features, "out_features": m.out_features}
+    assert isinstance(m, nn.Conv2d)
+    w = m.weight.data
+    if depthwise:
+        idx = torch.tensor(in_idx if in_idx is not None else out_idx)
+        _set_param(m, "weight", w[idx])
+        if m.bias is not None:
+            _set_param(m, "bias", m.bias.data[idx])
+        m.in_channels = m.out_channels = m.groups = len(idx)
+        return {"in_channels": len(idx), "out_channels": len(idx), "groups": len(idx)}
+    g = m.groups
+    cin_old, cout_old = m.in_channels, m.out_channels
+    outs = out_idx if out_idx is not None else list(range(cout_old))
+    ins = in_idx if in_idx is not None else list(range(cin_old))
+    if len(outs) % g or len(ins) % g:
+        raise PruneError(f"{name}: {len(ins)} -> {len(outs)} channels do not fit {g} groups")
+    in_per_old, in_per_new = cin_old // g, len(ins) // g
+    out_per_old, out_per_new = cout_old // g, len(outs) // g
+    new = w.new_empty(len(outs), in_per_new, *w.shape[2:])
+    for r_new, r_old in enumerate(outs):
+        grp = r_old // out_per_old
+        if r_new // out_per_new != grp:
+            raise PruneError(f"{name}: kept output channels left their group")
+        cols = ins[grp * in_per_new : (grp + 1) * in_per_new]
+        if any(c // in_per_old != grp for c in cols):
+            raise PruneError(f"{name}: kept input channels left their group")
+        new[r_new] = w[r_old, [c - grp * in_per_old for c in cols]]
+    _set_param(m, "weight", new)
+    if m.bias is not None and out_idx is not None:
+        _set_param(m, "bias", m.bias.data[torch.tensor(out_idx)])
+    m.in_channels, m.out_channels = len(ins), len(outs)
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "groups": g}
+
+
+def _set_param(m: nn.Module, attr: str, value: torch.Tensor) -> None:
+    old = getattr(m, attr)
+    setattr(m, attr, nn.Parameter(value.clone(), requires_grad=old.requires_grad))
+
+
+@torch.no_grad()
+def apply_widths_(model: nn.Module, widths: dict[str, dict[str, int]]) -> nn.Module:
+    """Give a freshly built model the layer widths of a pruned one (weights uninitialized, to be
+    loaded from its state dict): the per-layer spec that rebuilds a pruned model with no code."""
+    for name, w in widths.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise PruneError(
+                f"pruned widths name a layer {name!r} the model does not have"
+            ) from None
+        if isinstance(m, BNS):
+            n = w["num_features"]
+            m.num_features = n
+            if m.weight is not None:
+                m.weight = nn.Parameter(m.weight.new_ones(n))
+                m.bias = nn.Parameter(m.bias.new_zeros(n))
+            if m.running_mean is not None:
+                m.running_mean = m.running_mean.new_zeros(n)
+                m.running_var = m.running_var.new_ones(n)
+        elif isinstance(m, nn.Linear):
+            m.in_features, m.out_features = w["in_features"], w["out_features"]
+            m.weight = nn.Parameter(m.weight.new_empty(m.out_features, m.in_features))
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.new_empty(m.out_features))
+        elif isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels = w["in_channels"], w["out_channels"]
+            m.groups = w["groups"]
+            shape = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+            m.weight = nn.Parameter(m.weight.new_empty(shape))
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.new_empty(m.out_channels))
+        else:
+            raise PruneError(f"pruned widths for {name}: {type(m).__name__} is not resizable")
+    return model
+
+
+Importance = Callable[[nn.Module, Group], torch.Tensor]
+
+
+def bn_scale_importance(model: nn.Module, group: Group) -> torch.Tensor:
+    """Network slimming's importance: |BN gamma| per channel, averaged over the BNs that scale
+    the channel (a residual stream or a depthwise conv has several)."""
+    total = torch.zeros(group.channels)
+    count = torch.zeros(group.channels)
+    for bn, chans, classes in group.bns:
+        gamma = model.get_submodule(bn).weight.detach().abs().float().cpu()
+        total.index_add_(0, classes, gamma[chans])
+        count.index_add_(0, classes, torch.ones(len(classes)))
+    return total / count.clamp_min(1)

@@ -1,0 +1,1 @@
+"""One module per task (train, prune, fuse); a pipeline stage is `task.run(cfg, run_dir)`."""

@@ -1,0 +1,193 @@
+"""What the train, prune and fuse tasks share: device, data, model building, hooks, metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.checkpoint import load_checkpoint
+from compress.data import TensorLoader, load_dataset
+from compress.engine import Callback
+from compress.errors import CheckpointError, ConfigError, check_choice
+from compress.metrics import count_macs, count_params, latency_ms, size_bytes
+from compress.models import create_model
+from compress.models.registry import accepts
+from compress.prune import regularize_bn_, slimming_scales
+from compress.quant.api import clip_latent_weights_, latent_clip_params
+from compress.spec import arch_name, model_from_checkpoint
+
+AUGMENT_KEYS = ("crop_padding", "flip")
+META_KEYS = ("root_template",)  # recorded with the data set config, not passed to its loader
+
+
+def resolve_device(name: str) -> torch.device:
+    check_choice("device", name, ("auto", "cpu", "cuda"))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available: use device=cpu")
+    return torch.device(name)
+
+
+def load_data(dataset_cfg: dict[str, Any], seed: int) -> Any:
+    kw = {k: v for k, v in dataset_cfg.items() if k not in AUGMENT_KEYS + META_KEYS}
+    return load_dataset(seed=seed, **kw)
+
+
+_ENV = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
+
+
+def resolve_root(template: str) -> str:
+    """Re-resolve a data root written as `${oc.env:VAR,default}...` against today's environment
+    (a checkpoint must not freeze where the data lived when it was trained)."""
+    return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) or ""), template)
+
+
+def source_dataset_cfg(cfg: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """The data set to evaluate on: `dataset=` when given, else the checkpoint's own, its root
+    re-resolved (COMPRESS_DATA_DIR as set now)."""
+    if cfg.get("dataset"):
+        return dict(cfg["dataset"])
+    stored = (state.get("config") or {}).get("dataset")
+    if not stored:
+        raise ConfigError("the checkpoint does not record its data set: pass dataset=NAME")
+    stored = dict(stored)
+    if stored.get("root_template"):
+        stored["root"] = resolve_root(stored["root_template"])
+    return stored
+
+
+def model_from_cfg(model_cfg: dict[str, Any], data: Any) -> nn.Module:
+    """A fresh model as the `model` group says, fitted to the data set's classes and channels."""
+    kw = dict(model_cfg)
+    name, source, target = kw.pop("name", None), kw.pop("source", "zoo"), kw.pop("target", None)
+    wanted = kw.pop("num_classes", None)
+    if wanted is not None and wanted != data.num_classes:
+        raise ConfigError(
+            f"model.num_classes={wanted} but dataset={data.name} has {data.num_classes} classes"
+        )
+    if accepts(source, name, target, "num_classes"):
+        kw["num_classes"] = data.num_classes
+    if source == "zoo" or (source == "custom" and accepts(source, name, target, "in_channels")):
+        kw["in_channels"] = data.in_channels
+    model = create_model(name, source=source, target=target, **kw)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != data.in_channels:
+        raise ConfigError(
+            f"{arch_name(model.arch)} takes {first.in_channels}-channel images but "
+            f"dataset={data.name} has {data.in_channels} channels"
+        )
+    return model
+
+
+def model_name(model_cfg: dict[str, Any]) -> str | None:
+    return model_cfg.get("name") or model_cfg.get("target")
+
+
+def build_model(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model to train: fresh from `model`, or rebuilt from `init_from` (widths kept).
+
+    Returns the model and the checkpoint it came from (None when fresh).
+    """
+    if cfg.get("refine"):  # the seed project's name for finetuning a pruned model
+        if cfg.get("init_from"):
+            raise ConfigError("pass init_from=PATH or refine=PATH, not both")
+        cfg = {**cfg, "init_from": cfg["refine"]}
+    if not cfg.get("init_from"):
+        return model_from_cfg(dict(cfg["model"]), data), None
+    path = Path(cfg["init_from"])
+    try:
+        state = load_checkpoint(path)
+        model = model_from_checkpoint(state, expect=model_name(cfg["model"]), quantized=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"init_from={path}: {e}") from None
+    head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    got = (head.out_features if head else None, first.in_channels if first else None)
+    if (head and got[0] != data.num_classes) or (first and got[1] != data.in_channels):
+        arch = model.arch
+        raise CheckpointError(
+            f"init_from={path}: the model was built for {arch.get('num_classes')} classes and "
+            f"{arch.get('in_channels', 3)} input channels, but dataset={data.name} has "
+            f"{data.num_classes} and {data.in_channels}"
+        )
+    return model, state
+
+
+def model_metrics(model: nn.Module, data: Any) -> dict[str, int]:
+    shape = data.image_shape
+    return {
+        "params": count_params(model),
+        "macs": count_macs(model, shape),
+        "size_bytes": size_bytes(model),
+    }
+
+
+def eval_loader(data: Any, device: torch.device, batch: int = 500) -> Any:
+    if hasattr(data, "loaders"):  # a streaming data set builds its own
+        return data.loaders(batch, batch, device, seed=0)[1]
+    return TensorLoader(data.test, batch, data.mean, data.std, device)
+
+
+@torch.no_grad()
+def logits_on(model: nn.Module, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    outs, labels = [], []
+    for x, y in loader:
+        outs.append(model(x).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(outs), torch.cat(labels)
+
+
+def source_checkpoint(
+    cfg: dict[str, Any], run_dir: str | Path, script: str
+) -> tuple[Path, dict[str, Any]]:
+    """Create the run directory and load the unfused checkpoint that `ckpt` names."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("ckpt") in (None, "", "???"):  # "???": OmegaConf's missing value
+        raise ConfigError(f"ckpt is required: python {script} ckpt=RUN/best.pt")
+    state = load_checkpoint(cfg["ckpt"])
+    if state.get("fused"):
+        raise CheckpointError(
+            f"{cfg['ckpt']} is already fused: {script} needs a checkpoint "
+            "that still has its BN layers"
+        )
+    return run_dir, state
+
+
+class ClipLatentWeights(Callback):
+    """BNN's weight clipping after every optimizer step (quant's pure function as a hook)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = latent_clip_params(model)
+
+    def after_step(self, model: nn.Module) -> None:
+        clip_latent_weights_(self.params)
+
+
+class BNSparsity(Callback):
+    """Network slimming's L1 penalty on BN scales after every backward (prune's pure function
+    as a hook), and a histogram of |gamma| each epoch."""
+
+    def __init__(self, model: nn.Module, s: float, image_shape: tuple[int, ...]) -> None:
+        self.s = s
+        self.scales = slimming_scales(model, image_shape)
+
+    def after_backward(self, model: nn.Module) -> None:
+        regularize_bn_(self.scales, self.s)
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, writer: Any) -> None:
+        if writer is not None:
+            gammas = torch.cat([g.detach().abs().flatten() for g in self.scales])
+            writer.add_histogram("bn/abs_gamma", gammas.cpu(), epoch)
+            writer.add_scalar("bn/mean_abs_gamma", gammas.mean().item(), epoch)
+
+
+def measure_latency(model: nn.Module, data: Any) -> float:
+    return latency_ms(model, data.image_shape, batch_size=1, reps=10)

@@ -1,0 +1,107 @@
+"""The fuse task: fold the BNs of checkpoint `cfg["ckpt"]`, prove the result equivalent on the
+test set, save `fused.pt`."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from compress.checkpoint import save_checkpoint
+from compress.cli import write_json
+from compress.errors import CheckpointError
+from compress.fuse import count_bn, fuse_bn_
+from compress.metrics import latency_ms
+from compress.quant.api import applied_label
+from compress.spec import arch_name, checkpoint_state, model_from_checkpoint
+from compress.tasks.common import (
+    eval_loader,
+    load_data,
+    logits_on,
+    model_metrics,
+    resolve_device,
+    source_checkpoint,
+    source_dataset_cfg,
+)
+
+
+def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    run_dir, state = source_checkpoint(cfg, run_dir, "fuse.py")
+    model = model_from_checkpoint(state)
+    if count_bn(model) == 0:
+        raise CheckpointError(f"{cfg['ckpt']} has no BatchNorm layers to fuse")
+    seed = int(cfg.get("seed", 0))
+    data = load_data(source_dataset_cfg(cfg, state), seed)
+    device = resolve_device(cfg.get("device", "cpu"))
+    model.to(device).eval()
+    loader = eval_loader(data, device)
+    before_logits, labels = logits_on(model, loader)
+    before = model_metrics(model, data)
+    fused = copy.deepcopy(model)
+    plan = fuse_bn_(fused)
+    after_logits, _ = logits_on(fused, loader)
+    after = model_metrics(fused, data)
+    lat = {}
+    for tag, m in (("before", model), ("after", fused)):
+        for bs in (1, 64):
+            lat[f"latency_ms_bs{bs}_{tag}"] = latency_ms(
+                m, data.image_shape, batch_size=bs, reps=10
+            )
+    pred_b, pred_a = before_logits.argmax(1), after_logits.argmax(1)
+    metrics = {
+        "model": arch_name(model.arch),
+        "dataset": data.name,
+        "quant": applied_label(model),
+        "images": len(labels),
+        "max_abs_diff": (before_logits - after_logits).abs().max().item(),
+        "top1_agreement": 100.0 * (pred_b == pred_a).float().mean().item(),
+        "test_acc_before": 100.0 * (pred_b == labels).float().mean().item(),
+        "test_acc": 100.0 * (pred_a == labels).float().mean().item(),
+        "bn_before": count_bn(model),
+        "bn_after": count_bn(fused),
+        "folds": [[f.conv, f.bn, f.mode] for f in plan.folds],
+        "kept_bn": plan.skipped,
+        "params_before": before["params"],
+        "size_bytes_before": before["size_bytes"],
+        **after,
+        **lat,
+    }
+    metrics["best_test_acc"] = metrics["test_acc"]
+    save_checkpoint(
+        run_dir / "fused.pt",
+        checkpoint_state(
+            fused,
+            dataset=data.name,
+            config=state.get("config"),
+            test_acc=metrics["test_acc"],
+        ),
+    )
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def table(m: dict[str, Any]) -> str:
+    """The before / after comparison as a small text table."""
+    rows = [
+        ("test accuracy (%)", f"{m['test_acc_before']:.2f}", f"{m['test_acc']:.2f}"),
+        ("BatchNorm layers", m["bn_before"], m["bn_after"]),
+        ("params", m["params_before"], m["params"]),
+        ("size (bytes)", m["size_bytes_before"], m["size_bytes"]),
+        (
+            "latency bs=1 (ms)",
+            f"{m['latency_ms_bs1_before']:.2f}",
+            f"{m['latency_ms_bs1_after']:.2f}",
+        ),
+        (
+            "latency bs=64 (ms)",
+            f"{m['latency_ms_bs64_before']:.1f}",
+            f"{m['latency_ms_bs64_after']:.1f}",
+        ),
+    ]
+    lines = [f"{'':22s}{'before':>14s}{'after':>14s}"]
+    lines += [f"{k:22s}{str(b):>14s}{str(a):>14s}" for k, b, a in rows]
+    lines.append(
+        f"max |logit diff| {m['max_abs_diff']:.2e} over {m['images']} test images, "
+        f"top-1 agreement {m['top1_agreement']:.2f}%"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""The config schemas in Hydra's ConfigStore: the YAML files in conf/ extend them.
+
+`register()` (called when train.py, prune.py or fuse.py is imported) stores the dataclasses of
+`compress.config` as the base of each typed group, and one schema per entry point for the
+primary config, so Hydra itself rejects a misspelt key or a value of the wrong type while it
+composes the config (`schedule.epoch=3`, `quant.weight.bitz=3`, `schedule.epochs=abc`):
+
+    group     name            node                      extended by
+    schedule  base_schedule   ScheduleConfig            conf/schedule/*.yaml
+    quant     base_quant      QuantConfig               conf/quant/*.yaml
+    pruner    base_pruner     PrunerConfig              conf/pruner/*.yaml
+    -         base_train      TrainRun (sparsity, ...)  conf/train.yaml
+    -         base_prune      PruneRun                  conf/prune.yaml
+    -         base_fuse       FuseRun                   conf/fuse.yaml
+
+Each YAML file starts with `defaults: [base_x, _self_]` and holds only what differs from the
+schema's defaults. Range checks (bits, percent, lr, ...) stay in `compress.config`, which the
+library runs on the composed config (and library users on their own dicts).
+See https://hydra.cc/docs/tutorials/structured_config/schema/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from compress.config import PrunerConfig, QuantConfig, ScheduleConfig, SparsityConfig
+
+
+@dataclass
+class TrainRun:
+    """conf/train.yaml: the groups (model and dataset stay free-form) and the top-level keys."""
+
+    model: Any = None
+    dataset: Any = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    resume: bool = False  # continue the run in hydra.run.dir from its last.pt
+    init_from: str | None = None  # start from another run's checkpoint
+    refine: str | None = None  # the same as init_from
+
+
+@dataclass
+class PruneRun:
+    """conf/prune.yaml."""
+
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    dataset: Any = None  # null: the data set the checkpoint was trained on
+    ckpt: str = MISSING
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class FuseRun:
+    """conf/fuse.yaml."""
+
+    dataset: Any = None  # null: the data set the checkpoint was trained on
+    ckpt: str = MISSING
+    seed: int = 0
+    device: str = "cpu"
+
+
+def register() -> None:
+    """Store the schemas (idempotent: storing again replaces the same entries)."""
+    cs = ConfigStore.instance()
+    cs.store(group="schedule", name="base_schedule", node=ScheduleConfig)
+    cs.store(group="quant", name="base_quant", node=QuantConfig)
+    cs.store(group="pruner", name="base_pruner", node=PrunerConfig)
+    cs.store(name="base_train", node=TrainRun)
+    cs.store(name="base_prune", node=PruneRun)
+    cs.store(name="base_fuse", node=FuseRun)
+
+
+register()
