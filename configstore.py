@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from compress.config import PrunerConfig, QuantConfig, ScheduleConfig, SparsityConfig
 
@@ -66,6 +66,19 @@ class FuseRun:
     ckpt: str = MISSING
     seed: int = 0
     device: str = "cpu"
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as the plain dict the library takes. The data root is also kept as
+    written (`dataset.root_template`, e.g. ${oc.env:COMPRESS_DATA_DIR,data}) so prune.py and
+    fuse.py re-resolve it at their run time instead of trusting where the data lived today."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    dataset = cfg.get("dataset")
+    if isinstance(dataset, DictConfig):
+        root = OmegaConf.to_container(dataset, resolve=False).get("root")
+        if isinstance(root, str) and "${" in root:
+            plain["dataset"]["root_template"] = root
+    return plain
 
 
 def register() -> None:

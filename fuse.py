@@ -7,21 +7,25 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import configstore  # noqa: F401  (stores the config schemas in Hydra's ConfigStore)
+import configstore  # stores the config schemas in Hydra's ConfigStore on import
 from compress.cli import user_errors
 from compress.tasks import fuse as fuse_task
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="fuse")
-def main(cfg: DictConfig) -> float:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """The entry's work on a composed config: tests call it in process."""
     with user_errors():
-        metrics = fuse_task.run(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        metrics = fuse_task.run(configstore.plain_config(cfg), run_dir)
         print(fuse_task.table(metrics))
         print(f"fused checkpoint: {run_dir / 'fused.pt'}")
         return metrics["test_acc"]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="fuse")
+def main(cfg: DictConfig) -> float:
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -7,18 +7,17 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import configstore  # noqa: F401  (stores the config schemas in Hydra's ConfigStore)
+import configstore  # stores the config schemas in Hydra's ConfigStore on import
 from compress.cli import user_errors
 from compress.tasks import prune as prune_task
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="prune")
-def main(cfg: DictConfig) -> float:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """The entry's work on a composed config: tests call it in process."""
     with user_errors():
-        m = prune_task.run(OmegaConf.to_container(cfg, resolve=True), run_dir)
+        m = prune_task.run(configstore.plain_config(cfg), run_dir)
         print(f"channels {m['channels_before']} -> {m['channels']}")
         print(
             f"params {m['params_before']} -> {m['params']} ({100 * m['params_ratio']:.1f}%), "
@@ -32,6 +31,11 @@ def main(cfg: DictConfig) -> float:
             f"python train.py {m['model_overrides']} init_from={run_dir / 'pruned.pt'}"
         )
         return m["test_acc"]
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="prune")
+def main(cfg: DictConfig) -> float:
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -61,3 +61,26 @@ def run_cli(script: str, *overrides: str, cwd: Path = ROOT, timeout: int = 900):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def entry(capsys):
+    """Run an entry point in process: compose its config as Hydra would, then call its `run`
+    (the work inside the entry's error handler). Returns (exit code, stdout, stderr)."""
+    import importlib
+
+    from tests.test_config import compose_cfg
+
+    def call(script: str, *overrides: str, run_dir: Path) -> tuple[int, str, str]:
+        module = importlib.import_module(script.removesuffix(".py"))
+        cfg = compose_cfg(script.removesuffix(".py"), list(overrides))
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            module.run(cfg, Path(run_dir))
+            code = 0
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call

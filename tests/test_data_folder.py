@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,7 @@ def write_folder(root: Path, train: int = 6, val: int = 3, seed: int = 0) -> Pat
     return root
 
 
-def load_data(dataset_cfg: dict, seed: int):
-    """As compress.experiment.load_data: the config's keys, less the in-memory augmentation."""
-    kw = {k: v for k, v in dataset_cfg.items() if k not in ("crop_padding", "flip")}
-    return load_dataset(seed=seed, **kw)
+from compress.tasks.common import load_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +180,29 @@ def test_unreadable_image_is_a_one_line_data_error(tmp_path, workers):
     with pytest.raises(DataError, match=r"cannot read image .*broken\.jpg") as info:
         list(ds.loaders(7, 3, "cpu", 0)[0])
     assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+
+
+def test_training_pruning_and_fusion_stream_an_image_folder(entry, root, tmp_path):
+    """dataset=imagenet on an ImageNet-layout folder, through train, prune and fuse."""
+    data = (
+        "dataset=imagenet",
+        f"dataset.root={root}",
+        "dataset.image_size=32",
+        "dataset.workers=0",
+    )
+    run = (
+        "model=resnet20",
+        "schedule.epochs=1",
+        "schedule.batch_size=6",
+        "schedule.progress=false",
+    )
+    code, out, err = entry("train", *data, *run, "device=cpu", run_dir=tmp_path / "t")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert metrics["dataset"] == "imagenet" and metrics["epochs"] == 1
+    code, _, err = entry(
+        "prune", f"ckpt={tmp_path}/t/best.pt", "pruner.min_channels=1", run_dir=tmp_path / "p"
+    )
+    assert code == 0, err
+    code, out, err = entry("fuse", f"ckpt={tmp_path}/p/pruned.pt", run_dir=tmp_path / "f")
+    assert code == 0 and "over 9 test images" in out, err

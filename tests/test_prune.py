@@ -243,3 +243,18 @@ def test_torchvision_model_prunes_at_imagenet_size():
     shape = (3, 64, 64)
     small = thin(model, select_channels(channel_graph(model, shape), "normal", 0.3), shape)
     assert small.eval()(torch.randn(1, *shape)).shape == (1, 10)
+
+
+def test_prune_and_fuse_bad_input_is_one_line(entry, tmp_path):
+    model = create_model("nin")
+    ckpt = save_checkpoint(
+        tmp_path / "nin.pt",
+        {**checkpoint_state(model), "config": {"dataset": {"name": "synthetic"}}},
+    )
+    code, _, err = entry("prune", f"ckpt={ckpt}", "pruner=gc", run_dir=tmp_path / "a")
+    assert code == 2 and "error: pruner=gc is for group-convolution models" in err
+    code, _, err = entry("prune", f"ckpt={ckpt}", "pruner.percent=0.99", run_dir=tmp_path / "b")
+    assert code == 2 and "error: pruner.percent=0.99 would remove every channel" in err, err
+    for script in ("prune", "fuse"):
+        code, _, err = entry(script, run_dir=tmp_path / script)
+        assert code == 2 and f"error: ckpt is required: python {script}.py ckpt=RUN/best.pt" in err

@@ -1,6 +1,7 @@
 """Data sets (uint8 tensors in memory, or image folders streamed from disk) and their loaders."""
 
-from compress.data.datasets import DataSet, Split, list_datasets, load_dataset, register_dataset
+from compress.data.catalog import load_dataset
+from compress.data.datasets import DataSet, Split
 from compress.data.folder import (
     FolderDataSet,
     FolderLoader,
@@ -8,6 +9,7 @@ from compress.data.folder import (
     load_image_folder_stream,
 )
 from compress.data.loader import TensorLoader, random_crop_flip
+from compress.data.registry import list_datasets, register_dataset
 
 __all__ = [
     "DataSet",

@@ -10,14 +10,14 @@ import gzip
 import hashlib
 import logging
 import pickle
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from compress.errors import DataError, check, check_choice
+from compress.data.registry import register_dataset
+from compress.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -61,45 +61,6 @@ class DataSet:
         return len(self.classes)
 
 
-_LOADERS: dict[str, Callable[..., DataSet]] = {}
-
-
-def register_dataset(fn: Callable[..., DataSet]) -> Callable[..., DataSet]:
-    _LOADERS[fn.__name__.removeprefix("load_")] = fn
-    return fn
-
-
-def list_datasets() -> list[str]:
-    return sorted(_LOADERS)
-
-
-def load_dataset(
-    name: str,
-    root: str | Path = "data",
-    download: bool = False,
-    train_subset: int | None = None,
-    test_subset: int | None = None,
-    seed: int = 0,
-    **kwargs,
-) -> DataSet:
-    """Load a registered data set by name, optionally cut to seeded random subsets."""
-    check_choice("dataset.name", name, list_datasets())
-    for key, n in (("train_subset", train_subset), ("test_subset", test_subset)):
-        check(n is None or n >= 1, f"dataset.{key}", n, "a positive integer or null")
-    if "streaming" in kwargs:  # image folders: read from disk batch by batch (folder.py), or not
-        from compress.data.folder import load_streaming
-
-        streamed = load_streaming(
-            name, Path(root), download, train_subset, test_subset, seed, kwargs
-        )
-        if streamed is not None:
-            return streamed  # type: ignore[return-value]
-    ds = _LOADERS[name](root=Path(root), download=download, **kwargs)
-    ds.train = ds.train.subset(train_subset, seed)
-    ds.test = ds.test.subset(test_subset, seed + 1)
-    return ds
-
-
 def _missing(name: str, path: Path, hint: str = "") -> DataError:
     return DataError(
         f"dataset {name}: {path} not found; set dataset.root (or COMPRESS_DATA_DIR) to the folder "
@@ -118,8 +79,18 @@ CIFAR10_FILES = {  # canonical MD5 sums of the python release
     "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
     "test_batch": "40351d587109b95175f43aff81a1287e",
 }
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -147,15 +118,27 @@ def load_cifar10(root: Path, download: bool = False) -> DataSet:
     parts = {f: _read_cifar_batch(folder / f) for f in CIFAR10_FILES}
     differ = [f for f, md5 in CIFAR10_FILES.items() if parts[f][2] != md5]
     if differ:
-        log.warning("cifar10: %d of 6 files in %s differ from the canonical release (MD5); "
-                    "using them as they are", len(differ), folder)
+        log.warning(
+            "cifar10: %d of 6 files in %s differ from the canonical release (MD5); "
+            "using them as they are",
+            len(differ),
+            folder,
+        )
     train_parts = [parts[f"data_batch_{i}"] for i in range(1, 6)]
-    train = Split(torch.from_numpy(np.concatenate([p[0] for p in train_parts])),
-                  torch.from_numpy(np.concatenate([p[1] for p in train_parts])))
+    train = Split(
+        torch.from_numpy(np.concatenate([p[0] for p in train_parts])),
+        torch.from_numpy(np.concatenate([p[1] for p in train_parts])),
+    )
     x, y, _ = parts["test_batch"]
     test = Split(torch.from_numpy(x), torch.from_numpy(y))
-    return DataSet("cifar10", train, test, CIFAR10_CLASSES,
-                   mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+    return DataSet(
+        "cifar10",
+        train,
+        test,
+        CIFAR10_CLASSES,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    )
 
 
 # ---------------------------------------------------------------- MNIST / Fashion-MNIST
@@ -192,8 +175,14 @@ def _find_idx(root: Path, folders: list[str], stem: str) -> Path | None:
 
 
 def _load_idx_dataset(
-    name: str, root: Path, download: bool, folders: list[str], mirror: str, classes: list[str],
-    mean: float, std: float,
+    name: str,
+    root: Path,
+    download: bool,
+    folders: list[str],
+    mirror: str,
+    classes: list[str],
+    mean: float,
+    std: float,
 ) -> DataSet:
     paths = {k: _find_idx(root, folders, stem) for k, stem in _IDX.items()}
     if any(p is None for p in paths.values()):
@@ -206,29 +195,54 @@ def _load_idx_dataset(
                 download_url(mirror + stem + ".gz", str(root / folders[0]))
                 paths[key] = root / folders[0] / (stem + ".gz")
     arr = {k: read_idx(p) for k, p in paths.items()}
-    train = Split(torch.from_numpy(arr["train_images"].copy()).unsqueeze(1),
-                  torch.from_numpy(arr["train_labels"].astype(np.int64)))
-    test = Split(torch.from_numpy(arr["test_images"].copy()).unsqueeze(1),
-                 torch.from_numpy(arr["test_labels"].astype(np.int64)))
+    train = Split(
+        torch.from_numpy(arr["train_images"].copy()).unsqueeze(1),
+        torch.from_numpy(arr["train_labels"].astype(np.int64)),
+    )
+    test = Split(
+        torch.from_numpy(arr["test_images"].copy()).unsqueeze(1),
+        torch.from_numpy(arr["test_labels"].astype(np.int64)),
+    )
     return DataSet(name, train, test, classes, mean=(mean,), std=(std,))
 
 
 @register_dataset
 def load_mnist(root: Path, download: bool = False) -> DataSet:
     return _load_idx_dataset(
-        "mnist", root, download, ["MNIST/raw", "mnist", "."],
-        "https://ossci-datasets.s3.amazonaws.com/mnist/", [str(i) for i in range(10)],
-        0.1307, 0.3081,
+        "mnist",
+        root,
+        download,
+        ["MNIST/raw", "mnist", "."],
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        [str(i) for i in range(10)],
+        0.1307,
+        0.3081,
     )
 
 
 @register_dataset
 def load_fashion_mnist(root: Path, download: bool = False) -> DataSet:
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    classes = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
     return _load_idx_dataset(
-        "fashion_mnist", root, download, ["FashionMNIST/raw", "fashion-mnist", "."],
-        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", classes, 0.2860, 0.3530,
+        "fashion_mnist",
+        root,
+        download,
+        ["FashionMNIST/raw", "fashion-mnist", "."],
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        classes,
+        0.2860,
+        0.3530,
     )
 
 
@@ -257,8 +271,10 @@ def load_imagefolder(root: Path, download: bool = False, image_size: int = 32) -
     train_dir = root / "train"
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not train_dir.is_dir() or test_dir is None:
-        raise DataError(f"dataset imagefolder: expected {root}/train/<class>/ and "
-                        f"{root}/test/<class>/ (or val/) folders of images")
+        raise DataError(
+            f"dataset imagefolder: expected {root}/train/<class>/ and "
+            f"{root}/test/<class>/ (or val/) folders of images"
+        )
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
     train = _read_folder(train_dir, classes, image_size)
     test = _read_folder(test_dir, classes, image_size)
@@ -292,6 +308,11 @@ def load_synthetic(
         x = (protos[labels] + noise).clamp(0, 1)
         return Split((x * 255).round().to(torch.uint8), labels)
 
-    return DataSet("synthetic", make(num_train), make(num_test),
-                   [f"class{i}" for i in range(num_classes)],
-                   mean=(0.5,) * channels, std=(0.25,) * channels)
+    return DataSet(
+        "synthetic",
+        make(num_train),
+        make(num_test),
+        [f"class{i}" for i in range(num_classes)],
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )

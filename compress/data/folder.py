@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from compress.data.datasets import register_dataset
+from compress.data.registry import register_dataset
 from compress.errors import ConfigError, DataError, check
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -14,24 +14,48 @@ import torch
 from compress.data.datasets import Split
 
 
-def random_crop_flip(
-    x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip of a (N, C, H, W) batch."""
-    n, _, h, w = x.shape
+def crop_flip_params(
+    n: int, padding: int, flip: bool, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The random draws of `random_crop_flip` for n images: (dy, dx, flip mask), None where the
+    augmentation is off. Drawn for a whole global batch, so sharded ranks slice the same draws."""
+    dy = dx = mask = None
     if padding > 0:
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    if flip:
+        mask = torch.rand(n, generator=generator) < 0.5
+    return dy, dx, mask
+
+
+def apply_crop_flip(
+    x: torch.Tensor,
+    padding: int,
+    dy: torch.Tensor | None,
+    dx: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Crop (zero padding) and flip a (N, C, H, W) batch as the draws of `crop_flip_params` say."""
+    n, _, h, w = x.shape
+    if dy is not None and dx is not None:
         padded = torch.nn.functional.pad(x, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+        dy, dx = dy.to(x.device), dx.to(x.device)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = padded[batch, chan, rows, cols]
-    if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    if mask is not None:
+        mask = mask.to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
+
+
+def random_crop_flip(
+    x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip of a (N, C, H, W) batch."""
+    return apply_crop_flip(x, padding, *crop_flip_params(len(x), padding, flip, generator))
 
 
 class TensorLoader:
@@ -69,7 +93,11 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(self.split)
-        return n // self.batch_size if self.train and n >= self.batch_size else -(-n // self.batch_size)
+        return (
+            n // self.batch_size
+            if self.train and n >= self.batch_size
+            else -(-n // self.batch_size)
+        )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.mean) / self.std
@@ -80,7 +108,9 @@ class TensorLoader:
         n = len(self.split)
         order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(self.split.labels.device)
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(
+                self.split.labels.device
+            )
             x = self.split.images[idx].to(self.device)  # no-ops when the split is on the device
             y = self.split.labels[idx].to(self.device)
             if self.train:
