@@ -25,7 +25,7 @@ import torch
 from compress.fuse import fuse_bn_
 from compress.metrics import count_macs, count_params, latency_ms
 from compress.models import create_model
-from compress.prune import prunable_units, select_channels, thin
+from compress.prune import channel_graph, select_channels, thin
 
 SHAPE = (3, 32, 32)
 
@@ -80,13 +80,18 @@ def main() -> None:
     for case in args.cases.split(","):
         name, kind, base = parse_case(case)
         torch.manual_seed(0)
-        model = create_model(name).eval()
-        for u in prunable_units(model):
-            torch.nn.init.uniform_(u.bn.weight, 0.0, 1.0)
+        if name.startswith("tv_"):  # a torchvision model: tv_resnet18, tv_mobilenet_v2
+            model = create_model(name[3:], source="torchvision", num_classes=10).eval()
+        else:
+            model = create_model(name).eval()
+        graph = channel_graph(model, SHAPE)
+        for bn in graph.bn_names():  # stand-ins for trained, sparse BN scales
+            torch.nn.init.uniform_(model.get_submodule(bn).weight, 0.0, 1.0)
         params0, macs0 = count_params(model), count_macs(model, SHAPE)
         full = deployed(model)
         for p in map(float, args.percents.split(",")):
-            small = thin(model, select_channels(model, kind, p, base)).eval()
+            keep = select_channels(graph, kind, p, base, min_channels=base)
+            small = thin(model, keep, SHAPE).eval()
             pr, mr = count_params(small) / params0, count_macs(small, SHAPE) / macs0
             small = deployed(small)
             t_full, t_small = [], []

@@ -17,7 +17,7 @@ from compress.fuse import apply_fused_structure_
 from compress.models import create_from_arch
 from compress.prune import apply_widths_
 from compress.prune.graph import PruneError
-from compress.quant import quantize_
+from compress.quant import quantize_, to_float
 
 SPEC_KEYS = ("arch", "widths", "quant", "fused")
 
@@ -86,7 +86,7 @@ def model_from_checkpoint(
             raise CheckpointError(f"checkpoint widths do not fit {arch_name(arch)}: {e}") from None
         model.pruned_widths = dict(state["widths"])
     fused = state.get("fused")
-    if state.get("quant") and (quantized or fused):
+    if state.get("quant"):  # built as stored (PACT clips are weights too), made float below
         quantize_(model, state["quant"])
     if fused:
         apply_fused_structure_(model, fused)
@@ -97,4 +97,6 @@ def model_from_checkpoint(
         raise CheckpointError(
             f"checkpoint weights do not fit its {arch_name(arch)} architecture: {first}"
         ) from None
+    if state.get("quant") and not quantized and not fused:
+        to_float(model)
     return model

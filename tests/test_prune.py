@@ -258,3 +258,25 @@ def test_prune_and_fuse_bad_input_is_one_line(entry, tmp_path):
     for script in ("prune", "fuse"):
         code, _, err = entry(script, run_dir=tmp_path / script)
         assert code == 2 and f"error: ckpt is required: python {script}.py ckpt=RUN/best.pt" in err
+
+
+def test_a_quantized_model_is_pruned_with_its_learned_clips(entry, tmp_path):
+    from compress.quant import quantize_
+    from compress.quant.quantizers import PACTAct
+
+    model = randomize_bn_(create_model("resnet20", channels=[8] * 9))
+    pact = {"weight": {"kind": "dorefa", "bits": 4}, "act": {"kind": "pact", "bits": 4}}
+    quantize_(model, pact)
+    with torch.no_grad():
+        for q in (m for m in model.modules() if isinstance(m, PACTAct)):
+            q.alpha.fill_(2.5)  # as if learned
+    state = {**checkpoint_state(model), "config": {"dataset": {"name": "synthetic"}}}
+    ckpt = save_checkpoint(tmp_path / "pact.pt", state)
+    code, _, err = entry("prune", f"ckpt={ckpt}", "pruner.percent=0.3", run_dir=tmp_path / "p")
+    assert code == 0, err
+    pruned = load_checkpoint(tmp_path / "p" / "pruned.pt")
+    again = model_from_checkpoint(pruned)
+    alphas = [m.alpha.item() for m in again.modules() if isinstance(m, PACTAct)]
+    assert alphas and all(a == 2.5 for a in alphas)
+    float_model = model_from_checkpoint(pruned, quantized=False)  # for finetuning: float again
+    assert not any(isinstance(m, PACTAct) for m in float_model.modules())

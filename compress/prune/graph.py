@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from compress.errors import CompressError
 from compress.models.blocks import Activation, ChannelShuffle
+from compress.quant.quantizers import Quantizer
 
 
 class PruneError(CompressError):
@@ -38,6 +39,7 @@ class PruneError(CompressError):
 # Modules that act on each channel alone: channels pass through unchanged.
 CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     Activation,
+    Quantizer,  # an activation quantizer at a ReLU call site (one clip for all channels)
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,

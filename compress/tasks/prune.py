@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ from compress.cli import write_json
 from compress.engine import evaluate
 from compress.prune import channel_graph, select_channels, thin
 from compress.prune.pruner import validate as validate_pruner
-from compress.quant import quantize_
 from compress.spec import arch_name, checkpoint_state, model_from_checkpoint, model_overrides
 from compress.tasks.common import (
     eval_loader,
@@ -29,20 +27,16 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     base, min_channels = p.get("base", 1), p.get("min_channels")
     validate_pruner(kind, percent, base, min_channels)
     run_dir, state = source_checkpoint(cfg, run_dir, "prune.py")
-    model = model_from_checkpoint(state, quantized=False)
+    model = model_from_checkpoint(state)  # as trained: quantized layers and learned clips
     data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
     device = resolve_device(cfg.get("device", "cpu"))
     graph = channel_graph(model, data.image_shape)
     keep = select_channels(graph, kind, percent, base, min_channels)
     small = thin(model, keep, data.image_shape)
-    quant = state.get("quant")
     before, after = model_metrics(model, data), model_metrics(small, data)
     accs = {}
     for tag, m in (("before", model), ("after", small)):
-        if quant:
-            m = quantize_(copy.deepcopy(m), quant)
-        m.to(device)
-        accs[tag] = evaluate(m, eval_loader(data, device))["acc"]
+        accs[tag] = evaluate(m.to(device), eval_loader(data, device))["acc"]
     metrics = {
         "model": arch_name(model.arch),
         "model_overrides": model_overrides(model.arch),
@@ -62,8 +56,6 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         "params_ratio": after["params"] / before["params"],
         "macs_ratio": after["macs"] / before["macs"],
     }
-    if quant:
-        small.quant_config = quant  # weights stay float; the config travels with them
     save_checkpoint(
         run_dir / "pruned.pt",
         checkpoint_state(
