@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from compress.data import Split, TensorLoader, load_dataset, random_crop_flip
-from compress.data.datasets import read_idx
+from compress.data.datasets import CIFAR10_FILES, read_idx
 from compress.errors import ConfigError, DataError
 
 
@@ -83,8 +84,15 @@ def test_real_cifar10(cifar_root, caplog):
     assert ds.train.images.dtype == torch.uint8
     assert torch.bincount(ds.train.labels).tolist() == [5000] * 10
     assert torch.bincount(ds.test.labels).tolist() == [1000] * 10
-    # The supplied copy was JPEG-recompressed: accepted with one warning line.
-    assert sum("differ from the canonical release" in r.message for r in caplog.records) <= 1
+    # A copy that differs from the canonical release (the supplied one was JPEG-recompressed)
+    # is accepted with exactly one warning line; a canonical copy with none.
+    folder = cifar_root / "cifar-10-batches-py"
+    differs = any(
+        hashlib.md5((folder / f).read_bytes()).hexdigest() != md5
+        for f, md5 in CIFAR10_FILES.items()
+    )
+    warned = sum("differ from the canonical release" in r.message for r in caplog.records)
+    assert warned == int(differs)
 
 
 def test_real_mnist_from_idx_gz(mnist_root):
