@@ -1,0 +1,174 @@
+"""Packed low-bit checkpoints: dense bit packing, bit-identical round trips for every weight
+kind, real file sizes, and the pack.py entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from compress.checkpoint import save_checkpoint
+from compress.errors import CheckpointError, ConfigError
+from compress.fuse import fuse_bn_
+from compress.models import create_model
+from compress.pack import (
+    file_bytes,
+    load_packed,
+    pack_bits,
+    pack_checkpoint,
+    pack_model,
+    packable_layers,
+    save_packed,
+    to_disk,
+    unpack_bits,
+    unpack_model,
+)
+from compress.quant import quantize_
+from compress.spec import checkpoint_state
+
+
+def quantized(name: str, weight: dict, act: dict | None = None, seed: int = 0, **kw) -> nn.Module:
+    """A quantized model with random weights and random BN statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = create_model(name, **kw)
+    quantize_(model, {"weight": weight, "act": act or {"kind": "fp32"}})
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+    return model.eval()
+
+
+def assert_round_trip(model: nn.Module, state: dict | None = None) -> nn.Module:
+    state = pack_model(model) if state is None else state
+    back = unpack_model(state).eval()
+    before, after = dict(packable_layers(model)), dict(packable_layers(back))
+    assert before and before.keys() == after.keys()
+    for name, layer in before.items():
+        assert torch.equal(after[name].quantized_weight(), layer.quantized_weight()), name
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    return back
+
+
+# ---------------------------------------------------------------- bit packing
+@pytest.mark.parametrize("bits", range(1, 17))
+def test_pack_bits_round_trip_any_width(bits):
+    n = 1001  # not a multiple of 8: the last byte is padded
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (n,), generator=g)
+    codes[:2] = torch.tensor([0, 2**bits - 1])
+    data = pack_bits(codes, bits)
+    assert data.dtype == torch.uint8 and data.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(unpack_bits(data, bits, n), codes)
+
+
+def test_pack_bits_layout_is_dense_msb_first():
+    assert pack_bits(torch.tensor([1, 0, 1, 1, 0, 0, 0, 1]), 1).tolist() == [0b10110001]
+    assert pack_bits(torch.tensor([3, 0, 2, 1, 2]), 2).tolist() == [0b11001001, 0b10000000]
+    assert pack_bits(torch.tensor([0xA, 0x5, 0xF]), 4).tolist() == [0xA5, 0xF0]
+    assert pack_bits(torch.tensor([5, 2, 7]), 3).tolist() == [0b10101011, 0b10000000]
+    with pytest.raises(ValueError, match="out of range"):
+        pack_bits(torch.tensor([4]), 2)
+
+
+# ---------------------------------------------------------------- round trips
+KINDS = [
+    pytest.param({"kind": "binary"}, id="binary"),
+    pytest.param({"kind": "binary", "scale": False}, id="binary-unscaled"),
+    pytest.param({"kind": "binary", "center": True}, id="binary-center"),
+    pytest.param({"kind": "ternary"}, id="ternary"),
+    pytest.param({"kind": "ternary", "scale": False, "gap": 0.5}, id="ternary-unscaled"),
+    *[pytest.param({"kind": "dorefa", "bits": k}, id=f"dorefa{k}") for k in range(2, 9)],
+]
+
+
+@pytest.mark.parametrize("weight", KINDS)
+def test_resnet20_round_trip_is_bit_identical(weight):
+    model = quantized("resnet20", weight, {"kind": "dorefa", "bits": 4})
+    state = pack_model(model)
+    for entry in state["packed"].values():
+        bits = weight.get("bits", {"binary": 1, "ternary": 2}.get(weight["kind"]))
+        assert entry["bits"] == bits and entry["codes"].dtype == torch.uint8
+        assert entry["codes"].numel() == math.ceil(math.prod(entry["shape"]) * bits / 8)
+        assert (entry["scale"] is not None) == weight.get("scale", weight["kind"] != "dorefa")
+    back = assert_round_trip(model, state)
+    if weight.get("center"):  # the codes hold the centred signs
+        assert back.quant_config["weight"]["center"] is False
+
+
+def test_nin_gc_wbab_through_a_file(tmp_path):
+    model = quantized("nin_gc", {"kind": "binary"}, {"kind": "binary"})
+    path = save_packed(tmp_path / "packed.pt", pack_model(model, dataset="cifar10"))
+    state = torch.load(path, weights_only=True)  # plain tensors and builtins only
+    assert state["dataset"] == "cifar10" and set(state["float"]) >= {"features.0.conv.weight"}
+    weights = [m.weight for _, m in packable_layers(model)]
+    assert state["codes"].dtype == torch.uint8  # one bit per binary weight, all layers at once
+    assert state["codes"].numel() == sum(w.numel() for w in weights) // 8
+    assert state["scales"].numel() == sum(w.shape[0] for w in weights)
+    assert_round_trip(model, load_packed(path))
+
+
+def test_pruned_and_bias_fused_models_round_trip():
+    model = quantized(
+        "nin", {"kind": "binary"}, {"kind": "binary"}, channels=[40, 32, 24, 48, 40, 32, 48, 40]
+    )
+    fuse_bn_(model)  # bias folds: the binary weights stay binary (some channels flipped)
+    back = assert_round_trip(model)
+    assert back.fused == model.fused and back.arch["channels"] == model.arch["channels"]
+
+
+def test_ternary_with_an_all_zero_channel():
+    model = quantized("resnet20", {"kind": "ternary"})
+    with torch.no_grad():
+        model.layers[0].conv1.weight[3] = 0.0
+    assert_round_trip(model)
+
+
+# ---------------------------------------------------------------- sizes
+def test_nin_gc_binary_layers_are_25x_smaller_on_disk():
+    model = quantized("nin_gc", {"kind": "binary"}, {"kind": "binary"})
+    state = pack_model(model)
+    fp32 = {n: m.weight.detach() for n, m in packable_layers(model)}
+    ratio = file_bytes(fp32) / file_bytes(to_disk({"packed": state["packed"]}))
+    assert ratio >= 25, ratio
+
+
+# ---------------------------------------------------------------- the pack task
+def test_pack_checkpoint_refuses_what_it_cannot_pack(tmp_path):
+    with pytest.raises(ConfigError, match="ckpt is required"):
+        pack_checkpoint(None, tmp_path)
+    save_checkpoint(tmp_path / "fp32.pt", checkpoint_state(create_model("resnet20")))
+    with pytest.raises(CheckpointError, match="nothing to pack: .* train with quant="):
+        pack_checkpoint(tmp_path / "fp32.pt", tmp_path)
+    model = quantized("resnet20", {"kind": "dorefa", "bits": 2})
+    fuse_bn_(model)  # normal folds: w' = Q(w) * gamma / std is float
+    save_checkpoint(tmp_path / "fused.pt", checkpoint_state(model))
+    with pytest.raises(CheckpointError, match="is fused, .* 18 layers float; pack the"):
+        pack_checkpoint(tmp_path / "fused.pt", tmp_path)
+
+
+def test_pack_cli_writes_packed_file_and_real_sizes(cli, tmp_path):
+    model = quantized("resnet20", {"kind": "ternary"}, {"kind": "binary"})
+    save_checkpoint(tmp_path / "best.pt", checkpoint_state(model))
+    out = tmp_path / "run"
+    proc = cli("pack.py", f"ckpt={tmp_path / 'best.pt'}", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["size_bytes_packed_file"] == (out / "packed.pt").stat().st_size
+    assert m["max_abs_diff"] == 0 and m["quant"] == "wtab" and m["packed_layers"] == 18
+    assert m["ratio"] == m["size_bytes_fp32_file"] / m["size_bytes_packed_file"] > 4
+    assert 14 < m["packed_layers_ratio"] < 16  # 2 bits + one fp32 scale per channel
+    assert_round_trip(model, load_packed(out / "packed.pt"))
+    proc = cli("pack.py", f"hydra.run.dir={out}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "error: ckpt is required: python pack.py ckpt=RUN/best.pt"
