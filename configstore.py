@@ -93,3 +93,44 @@ def register() -> None:
 
 
 register()
+
+
+# ---------------------------------------------------------------- deployment (export, calibrate)
+@dataclass
+class CalibConfig:
+    """calib.* of conf/calibrate.yaml: ORT's static calibration."""
+
+    method: str = "minmax"  # minmax | percentile | entropy
+    batches: int = 8  # calibration batches of training images
+    batch_size: int = 32
+
+
+@dataclass
+class ExportRun:
+    """conf/export.yaml."""
+
+    dataset: Any = None  # null: the data set the checkpoint was trained on
+    ckpt: str = MISSING
+    format: str = "onnx"  # onnx (openvino, ncnn: not built yet)
+    opset: int = 18  # >= 17; 18 is the dynamo exporter's own
+    dynamo: bool = True  # torch.onnx.export(dynamo=...); false: the TorchScript exporter
+    latency: bool = True  # time ORT (and PyTorch eager) at batch 1 and 64
+    seed: int = 0
+    device: str = "cpu"  # ONNX Runtime's CPU provider
+
+
+@dataclass
+class CalibrateRun(ExportRun):
+    """conf/calibrate.yaml."""
+
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+
+def register_deploy() -> None:
+    """Store the export.py / calibrate.py schemas (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_export", node=ExportRun)
+    cs.store(name="base_calibrate", node=CalibrateRun)
+
+
+register_deploy()

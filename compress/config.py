@@ -52,6 +52,8 @@ class TrainSettings:
     channels_last: bool = False
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     progress: bool = True  # a progress bar on a terminal
+    # under torchrun: SyncBatchNorm (BN statistics over all processes' batches; CUDA only)
+    sync_bn: bool = False
 
 
 @dataclass

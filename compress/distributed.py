@@ -107,10 +107,10 @@ def init_from_env(device: torch.device | str) -> Dist:
     """
     device = torch.device(device)
     rank, world, local_rank, local_world = env_world()
-    if world <= 1:
-        return Dist()
-    if tdist.is_available() and tdist.is_initialized():
+    if tdist.is_available() and tdist.is_initialized():  # joined by the caller (any launcher)
         dist = current()
+        if not dist.enabled:
+            return dist
         backend = str(tdist.get_backend())
         if device.type == "cuda" and "nccl" not in backend:
             raise ConfigError(
@@ -120,6 +120,8 @@ def init_from_env(device: torch.device | str) -> Dist:
         if device.type == "cuda":
             torch.cuda.set_device(dist.local_rank)
         return dist
+    if world <= 1:
+        return Dist()
     if not tdist.is_available():
         raise ConfigError(
             f"torchrun started {world} processes but this PyTorch build has no "

@@ -4,6 +4,17 @@
 `best.pt` when test accuracy improves). All state needed to continue (weights, optimizer,
 scheduler, epoch, RNG) is in `last.pt`, and the data order of epoch k depends only on
 (seed, k), so a resumed run ends with the same weights as an uninterrupted one.
+
+Data-parallel (under torchrun, `compress.distributed`): `fit` wraps the model in
+DistributedDataParallel, each process reads its shard of every epoch, and
+`schedule.batch_size` is the batch of ONE process: the global batch (what the optimizer and
+the LR schedule see per step) is world_size x batch_size, and a run with N processes x B
+matches a single process with N*B images per step (exactly so without BatchNorm or with
+`schedule.sync_bn=true`, whose SyncBatchNorm needs CUDA; plain BN normalizes each process's
+B images by their own statistics). Train metrics and the evaluation (each process evaluates
+its shard of the test set) are summed over processes, so every rank sees the same numbers and
+agrees on `best`; rank 0 alone logs, writes checkpoints (which record `world_size`: a resume
+must use the same one) and TensorBoard. Callbacks get the unwrapped model.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from compress.config import (  # noqa: F401  (re-exported: the choices lived her
     validate_schedule,
 )
 from compress.data import DataSet, TensorLoader
+from compress.distributed import Dist, check_resume_world, current
 from compress.errors import ConfigError
 from compress.spec import checkpoint_state
 
@@ -107,8 +119,14 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: TensorLoader, precision: str = "fp32") -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy over a loader."""
+def evaluate(
+    model: nn.Module, loader: TensorLoader, precision: str = "fp32", dist: Dist | None = None
+) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean cross-entropy over a loader.
+
+    With `dist` enabled, `loader` holds this rank's shard and the sums are added over ranks:
+    every rank returns the numbers of the whole test set.
+    """
     model.eval()
     # sums stay on the device (no host sync per batch); the loss sum in float64, as a Python
     # float would be
@@ -121,7 +139,18 @@ def evaluate(model: nn.Module, loader: TensorLoader, precision: str = "fp32") ->
         loss += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
         n += len(y)
+    if dist is not None and dist.enabled:
+        loss, correct, n = _sum_over_ranks(dist, loss, correct, n)
     return {"acc": 100.0 * correct.item() / max(n, 1), "loss": loss.item() / max(n, 1)}
+
+
+def _sum_over_ranks(
+    dist: Dist, loss: torch.Tensor, correct: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(loss sum, correct, count) added over all ranks: one all-reduce of a float64 vector."""
+    sums = torch.stack([loss.double(), correct.double(), loss.new_tensor(n, dtype=torch.float64)])
+    dist.all_reduce_sum(sums)
+    return sums[0].to(loss.dtype), sums[1].round().long(), int(sums[2].round().item())
 
 
 def train_one_epoch(
@@ -132,13 +161,18 @@ def train_one_epoch(
     cfg: TrainConfig,
     callbacks: Sequence[Callback] = (),
     desc: str = "train",
+    dist: Dist | None = None,
 ) -> dict[str, float]:
+    """One epoch. `model` may be DDP-wrapped; callbacks get the module underneath. With `dist`
+    enabled the returned loss / accuracy are over all ranks' images."""
     model.train()
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    show = cfg.progress and (dist is None or dist.is_main)
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16")
     total_loss = torch.zeros((), device=loader.device)
     correct = torch.zeros((), dtype=torch.long, device=loader.device)
     n = 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=None if cfg.progress else True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=None if show else True)
     for step, (x, y) in enumerate(bar):
         with autocast(loader.device, cfg.precision):
             out = model(x)
@@ -146,12 +180,12 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         for cb in callbacks:
-            cb.after_backward(model)
+            cb.after_backward(inner)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         for cb in callbacks:
-            cb.after_step(model)
+            cb.after_step(inner)
         total_loss += loss.detach() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
         n += len(y)
@@ -160,6 +194,8 @@ def train_one_epoch(
             raise FloatingPointError(
                 f"training loss became non-finite by step {step}; lower schedule.lr"
             )
+    if dist is not None and dist.enabled:
+        total_loss, correct, n = _sum_over_ranks(dist, total_loss, correct, n)
     return {"acc": 100.0 * correct.item() / max(n, 1), "loss": total_loss.item() / max(n, 1)}
 
 
@@ -170,10 +206,18 @@ def make_loaders(
     seed: int,
     crop_padding: int = 4,
     flip: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[TensorLoader, TensorLoader]:
+    """(train, test) loaders; `shard=(rank, world_size)`: this rank's part of both."""
     if hasattr(data, "loaders"):  # a streaming data set (image folders) builds its own
+        sharded = {} if shard is None else {"shard": shard}
         return data.loaders(
-            cfg.batch_size, cfg.eval_batch_size, device, seed, channels_last=cfg.channels_last
+            cfg.batch_size,
+            cfg.eval_batch_size,
+            device,
+            seed,
+            channels_last=cfg.channels_last,
+            **sharded,
         )
     train = TensorLoader(
         data.train,
@@ -186,11 +230,59 @@ def make_loaders(
         flip=flip,
         seed=seed,
         channels_last=cfg.channels_last,
+        shard=shard,
     )
     test = TensorLoader(
-        data.test, cfg.eval_batch_size, data.mean, data.std, device, channels_last=cfg.channels_last
+        data.test,
+        cfg.eval_batch_size,
+        data.mean,
+        data.std,
+        device,
+        channels_last=cfg.channels_last,
+        shard=shard,
     )
     return train, test
+
+
+def _to_sync_bn(model: nn.Module) -> dict[str, type]:
+    """Swap every BatchNorm of `model` for SyncBatchNorm in place (the same parameters and
+    buffers); returns {name: original class} for `_from_sync_bn`."""
+    bn = nn.modules.batchnorm._BatchNorm
+    classes = {
+        name: type(m)
+        for name, m in model.named_modules()
+        if isinstance(m, bn) and not isinstance(m, nn.SyncBatchNorm) and name
+    }
+    for name in classes:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, nn.SyncBatchNorm.convert_sync_batchnorm(getattr(owner, child)))
+    return classes
+
+
+def _from_sync_bn(model: nn.Module, classes: dict[str, type]) -> None:
+    """Undo `_to_sync_bn`: the original BatchNorm classes, holding the trained tensors."""
+    for name, cls in classes.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        sync = getattr(owner, child)
+        bn = cls(sync.num_features, sync.eps, sync.momentum, sync.affine, sync.track_running_stats)
+        for key, p in sync._parameters.items():
+            setattr(bn, key, p)
+        for key, b in sync._buffers.items():
+            setattr(bn, key, b)
+        bn.train(sync.training)
+        setattr(owner, child, bn)
+
+
+def _wrap(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
+    """The model the training step calls: DDP over `model` when data-parallel."""
+    if not dist.enabled:
+        return model
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return nn.parallel.DistributedDataParallel(model, device_ids=[index])
+    return nn.parallel.DistributedDataParallel(model)
 
 
 def fit(
@@ -206,6 +298,7 @@ def fit(
     crop_padding: int = 4,
     flip: bool = True,
     writer: Any = None,
+    dist: Dist | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `cfg.epochs`; returns the run's summary.
 
@@ -213,15 +306,28 @@ def fit(
 
     `resume_state`: a `last.pt` dict to continue from. `extra_state`: plain data saved in every
     checkpoint (the arch, quant config, data set name and composed config).
+
+    `dist`: the process group (default: the one joined, if any; see compress.distributed).
+    When enabled the model trains under DistributedDataParallel with `cfg.batch_size` images
+    per process per step, and only rank 0 logs, writes `writer` and the checkpoints.
     """
+    dist = current() if dist is None else dist
     run_dir = Path(run_dir)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    train_loader, test_loader = make_loaders(data, cfg, device, seed, crop_padding, flip)
-    if len(train_loader) == 0:
+    if cfg.sync_bn and dist.enabled and device.type != "cuda":
         raise ConfigError(
-            f"schedule.batch_size={cfg.batch_size} is larger than the "
+            "schedule.sync_bn=true needs CUDA (SyncBatchNorm runs on GPUs only): "
+            "use device=cuda, or schedule.sync_bn=false"
+        )
+    train_loader, test_loader = make_loaders(
+        data, cfg, device, seed, crop_padding, flip, shard=dist.shard
+    )
+    if len(train_loader) == 0:
+        per = f" x {dist.world} processes" if dist.enabled else ""
+        raise ConfigError(
+            f"schedule.batch_size={cfg.batch_size}{per} is larger than the "
             f"{len(data.train)} training images"
         )
     steps = len(train_loader)
@@ -229,75 +335,101 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps))
     start, best, history, wall = 0, -1.0, [], 0.0
     if resume_state is not None:
+        check_resume_world(resume_state.get("world_size", 1), dist.world, run_dir / "last.pt")
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         torch.set_rng_state(resume_state["rng"])
         start, best = resume_state["epoch"], resume_state["best_acc"]
         history, wall = list(resume_state["history"]), resume_state["wall_s"]
-        log.info("resuming from epoch %d of %d (best %.2f%%)", start, cfg.epochs, best)
-    extra = dict(extra_state or {})
-    for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        tr = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            scheduler,
-            cfg,
-            callbacks,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-        )
-        evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-        none = {"acc": None, "loss": None}
-        te = evaluate(model, test_loader, cfg.precision) if evaluated else none
-        wall += time.perf_counter() - t0
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": tr["loss"],
-            "train_acc": tr["acc"],
-            "test_loss": te["loss"],
-            "test_acc": te["acc"],
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        history.append(row)
-        test = f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%" if evaluated else "not evaluated"
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.2f%%  %s  (%.0fs)",
-            epoch + 1,
-            cfg.epochs,
-            tr["loss"],
-            tr["acc"],
-            test,
-            time.perf_counter() - t0,
-        )
-        if writer is not None:
-            for k, v in row.items():
-                if k != "epoch" and v is not None:  # None: an epoch without evaluation
-                    writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-        for cb in callbacks:
-            cb.on_epoch_end(epoch + 1, model, writer)
-        state = checkpoint_state(model, **extra)
-        if evaluated and te["acc"] > best:
-            best = te["acc"]
-            save_checkpoint(
-                run_dir / "best.pt", {**state, "epoch": epoch + 1, "test_acc": te["acc"]}
+        if dist.is_main:
+            log.info("resuming from epoch %d of %d (best %.2f%%)", start, cfg.epochs, best)
+    extra = {**(extra_state or {}), "world_size": dist.world}
+    main = dist.is_main
+    sync_bn = _to_sync_bn(model) if cfg.sync_bn and dist.enabled else {}
+    try:
+        net = _wrap(model, dist, device)
+        for epoch in range(start, cfg.epochs):
+            t0 = time.perf_counter()
+            train_loader.set_epoch(epoch)
+            tr = train_one_epoch(
+                net,
+                train_loader,
+                optimizer,
+                scheduler,
+                cfg,
+                callbacks,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                dist=dist,
             )
-        save_checkpoint(
-            run_dir / "last.pt",
-            {
-                **state,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
+            evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+            none = {"acc": None, "loss": None}
+            if evaluated:
+                # BN running statistics are per process: every rank evaluates (and rank 0
+                # saves) rank 0's
+                dist.broadcast_buffers(model)
+                te = evaluate(model, test_loader, cfg.precision, dist)
+            else:
+                te = none
+            wall += time.perf_counter() - t0
+            row = {
                 "epoch": epoch + 1,
-                "best_acc": best,
-                "rng": torch.get_rng_state(),
-                "history": history,
-                "wall_s": wall,
+                "train_loss": tr["loss"],
+                "train_acc": tr["acc"],
+                "test_loss": te["loss"],
                 "test_acc": te["acc"],
-            },
-        )
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            history.append(row)
+            if main:
+                test = (
+                    f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%"
+                    if evaluated
+                    else "not evaluated"
+                )
+                log.info(
+                    "epoch %d/%d  train loss %.4f acc %.2f%%  %s  (%.0fs)",
+                    epoch + 1,
+                    cfg.epochs,
+                    tr["loss"],
+                    tr["acc"],
+                    test,
+                    time.perf_counter() - t0,
+                )
+            if writer is not None and main:
+                for k, v in row.items():
+                    if k != "epoch" and v is not None:  # None: an epoch without evaluation
+                        writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+            for cb in callbacks:
+                cb.on_epoch_end(epoch + 1, model, writer if main else None)
+            # every rank has the same (all-reduced) accuracy, so all agree on `best`
+            improved = evaluated and te["acc"] > best
+            if improved:
+                best = te["acc"]
+            if not main:
+                continue
+            state = checkpoint_state(model, **extra)
+            if improved:
+                save_checkpoint(
+                    run_dir / "best.pt", {**state, "epoch": epoch + 1, "test_acc": te["acc"]}
+                )
+            save_checkpoint(
+                run_dir / "last.pt",
+                {
+                    **state,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "best_acc": best,
+                    "rng": torch.get_rng_state(),
+                    "history": history,
+                    "wall_s": wall,
+                    "test_acc": te["acc"],
+                },
+            )
+    finally:
+        _from_sync_bn(model, sync_bn)
+    dist.barrier()  # rank 0's checkpoints are on disk when any rank returns
     final = history[-1]
     return {
         "test_acc": final["test_acc"],

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from compress.data.datasets import Split
+from compress.errors import check
 
 
 def crop_flip_params(
@@ -63,6 +64,14 @@ class TensorLoader:
 
     Shuffling and augmentation draw from a generator seeded by (seed, epoch), so epoch k is the
     same whether a run got there directly or resumed from a checkpoint.
+
+    `shard=(rank, world_size)`: this rank's disjoint part of the data (data-parallel training).
+    Every rank draws the same epoch permutation and the same augmentation; global batch i is
+    `order[i * world * batch : (i + 1) * world * batch]` and rank r takes its positions
+    r, r + world, ... (as `FolderLoader` does). So the ranks' batches together are the batch
+    (images and crops alike) a single process with batch_size = world * batch would see. In
+    training every rank gets the same number of batches, (n // world) // batch_size; in
+    evaluation rank r reads images r, r + world, ... (the counts may differ by one).
     """
 
     def __init__(
@@ -77,13 +86,21 @@ class TensorLoader:
         flip: bool = False,
         seed: int = 0,
         channels_last: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> None:
+        shard = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))
+        check(
+            shard[1] >= 1 and 0 <= shard[0] < shard[1],
+            "shard",
+            shard,
+            "(rank, world_size) with 0 <= rank < world_size",
+        )
         self.device = torch.device(device)
         if self.device.type == "cuda":  # uint8 data set on the GPU once, not copied per epoch
             split = Split(split.images.to(self.device), split.labels.to(self.device))
         self.split, self.batch_size, self.train = split, batch_size, train
         self.crop_padding, self.flip, self.seed = crop_padding, flip, seed
-        self.channels_last = channels_last
+        self.channels_last, self.shard = channels_last, shard
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
         self.epoch = 0
@@ -91,8 +108,14 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def _samples(self) -> int:
+        """How many images this rank reads per epoch."""
+        rank, world = self.shard
         n = len(self.split)
+        return n // world if self.train else len(range(rank, n, world))
+
+    def __len__(self) -> int:
+        n = self._samples()
         return (
             n // self.batch_size
             if self.train and n >= self.batch_size
@@ -105,14 +128,26 @@ class TensorLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        rank, world = self.shard
         n = len(self.split)
-        order = torch.randperm(n, generator=g) if self.train else torch.arange(n)
+        if not self.train:
+            order = torch.arange(rank, n, world)
+        else:
+            # the same permutation on every rank; the images no rank reads (n % world) dropped
+            order = torch.randperm(n, generator=g)[: self._samples() * world]
+        # one step's images over all ranks; this rank's are positions rank, rank + world, ...
+        step = self.batch_size * (world if self.train else 1)
         for i in range(len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size].to(
-                self.split.labels.device
-            )
+            chunk = order[i * step : (i + 1) * step]
+            params = None
+            if self.train:  # drawn for the whole global batch: identical on every rank
+                params = crop_flip_params(len(chunk), self.crop_padding, self.flip, g)
+                chunk = chunk[rank::world]
+            idx = chunk.to(self.split.labels.device)
             x = self.split.images[idx].to(self.device)  # no-ops when the split is on the device
             y = self.split.labels[idx].to(self.device)
-            if self.train:
-                x = random_crop_flip(x, self.crop_padding, self.flip, g)
+            if params is not None:
+                x = apply_crop_flip(
+                    x, self.crop_padding, *(p if p is None else p[rank::world] for p in params)
+                )
             yield self.normalize(x), y

@@ -1,11 +1,13 @@
 """The train task: one training run from a plain config dict (no Hydra here).
 
 Writes into the run directory `last.pt`, `best.pt`, TensorBoard events under `tb/` and
-`metrics.json`.
+`metrics.json`. Under torchrun (compress.distributed) every process trains its shard of the
+data and rank 0 alone writes these files; the other ranks create nothing in the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from compress.checkpoint import load_checkpoint
 from compress.cli import write_json
+from compress.distributed import Dist, check_resume_world, init_from_env
 from compress.engine import Callback, TrainConfig, fit
 from compress.errors import CheckpointError
 from compress.quant import bit_widths, is_quantized, quantize_
@@ -39,24 +42,47 @@ log = logging.getLogger(__name__)
 def run(
     cfg: dict[str, Any], run_dir: str | Path, callbacks: list[Callback] | None = None
 ) -> dict[str, Any]:
-    """Train as `cfg` says and write the run's files; returns the metrics written."""
+    """Train as `cfg` says and write the run's files; returns the metrics written.
+
+    Under torchrun this joins the process group (unless the caller already has) and leaves it
+    again at the end when it joined it here.
+    """
+    device = resolve_device(cfg.get("device", "auto"))
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    dist = init_from_env(device)
+    try:
+        return _run(cfg, Path(run_dir), callbacks, device, dist)
+    finally:
+        if owned:
+            dist.shutdown()
+
+
+def _run(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    callbacks: list[Callback] | None,
+    device: torch.device,
+    dist: Dist,
+) -> dict[str, Any]:
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     seed = int(cfg.get("seed", 0))
     sched = TrainConfig.from_dict({k: v for k, v in cfg["schedule"].items() if k != "stages"})
-    device = resolve_device(cfg.get("device", "auto"))
     quant_cfg = dict(cfg.get("quant") or {})
     validate_quant(quant_cfg)
     torch.manual_seed(seed)
     data = load_data(dict(cfg["dataset"]), seed)
-    log.info(
-        "data %s: %d train / %d test images, %d classes",
-        data.name,
-        len(data.train),
-        len(data.test),
-        data.num_classes,
-    )
+    if dist.is_main:
+        log.info(
+            "data %s: %d train / %d test images, %d classes",
+            data.name,
+            len(data.train),
+            len(data.test),
+            data.num_classes,
+        )
 
     resume_state = None
     if cfg.get("resume"):
@@ -66,6 +92,7 @@ def run(
                 f"resume=true but {last} does not exist: point hydra.run.dir at the run to continue"
             )
         resume_state = load_checkpoint(last)
+        check_resume_world(resume_state.get("world_size", 1), dist.world, last)
         model = model_from_checkpoint(
             resume_state, expect=model_name(cfg["model"]), quantized=False
         )
@@ -83,9 +110,15 @@ def run(
     if clip.params:
         hooks.append(clip)
     extra = {"dataset": data.name, "config": cfg}
-    with SummaryWriter(
-        str(run_dir / "tb"), purge_step=resume_state["epoch"] + 1 if resume_state else None
-    ) as writer:
+    # rank 0 writes TensorBoard; the other ranks a null writer (no tb/ folder of theirs)
+    tb = (
+        SummaryWriter(
+            str(run_dir / "tb"), purge_step=resume_state["epoch"] + 1 if resume_state else None
+        )
+        if dist.is_main
+        else contextlib.nullcontext(None)
+    )
+    with tb as writer:
         summary = fit(
             model,
             data,
@@ -99,6 +132,7 @@ def run(
             crop_padding=int(cfg["dataset"].get("crop_padding", 4)),
             flip=bool(cfg["dataset"].get("flip", True)),
             writer=writer,
+            dist=dist,
         )
     w_bits, a_bits = bit_widths(model)
     metrics = {
@@ -110,6 +144,14 @@ def run(
         "test_acc": summary["test_acc"],
         "best_test_acc": summary["best_test_acc"],
         "epochs": summary["epochs"],
+    }
+    if dist.enabled:
+        metrics["world_size"] = dist.world
+    if not dist.is_main:  # the same numbers; the files and the model measurements are rank 0's
+        dist.barrier()
+        return {**metrics, "wall_s": summary["wall_s"], "history": summary["history"]}
+    metrics = {
+        **metrics,
         **model_metrics(model, data),
         "latency_ms": measure_latency(model, data),
         "wall_s": summary["wall_s"],
@@ -126,4 +168,5 @@ def run(
         metrics["macs"] / 1e6,
         metrics["size_bytes"] / 1024,
     )
+    dist.barrier()  # metrics.json is written when any rank returns
     return metrics
