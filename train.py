@@ -12,6 +12,7 @@ file and remove it at exit, so only rank 0 writes anything.
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -103,6 +104,9 @@ if __name__ == "__main__":
     with user_errors():
         if env_world()[1] > 1 and env_rank() != 0:
             scratch = tempfile.mkdtemp(prefix=f"compress-rank{env_rank()}-")
+            # torchrun stops the other ranks with SIGTERM when one fails: exit through the
+            # `finally` below, so the scratch folder goes too
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         sys.argv = distributed_argv(sys.argv, scratch or "")
     try:
         main()

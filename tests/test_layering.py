@@ -28,6 +28,7 @@ LAYERS = {
     "compress.spec": 3,
     "compress.checkpoint": 3,
     "compress.pack": 3,
+    "compress.deploy": 3,
     "compress.engine": 4,
     "compress.tasks": 5,
     "compress.pipeline": 6,
