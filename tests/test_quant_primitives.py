@@ -202,3 +202,21 @@ def test_closed_interval_survives_flush_to_zero():
         assert x.grad.tolist() == [1.0, 1.0]
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_pact_device_path_needs_no_host_read_and_equals_the_cpu_path():
+    """On an accelerator PACT's backward keeps alpha a tensor (no host-device sync per layer);
+    run here on the CPU, that path gives the same gradients as the scalar-bound kernels."""
+    from compress.quant.primitives import pact_grads
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6) * 3
+    a = torch.tensor(1.7)
+    q = x.clamp(0, 1.7).mul(15 / 1.7).round().mul(1.7 / 15)
+    q[0, 0, 0, 0] = 1.7  # a value exactly on the bound
+    x[0, 0, 0, 0] = 1.7
+    g = torch.randn_like(x)
+    host = pact_grads(g, x, q, a, on_host=True)
+    device = pact_grads(g, x, q, a, on_host=False)
+    assert torch.equal(host[0], device[0])
+    assert torch.allclose(host[1], device[1], rtol=1e-6)

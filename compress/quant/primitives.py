@@ -182,17 +182,31 @@ class _PACT(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, q, a = ctx.saved_tensors
-        hi = float(a)  # one host sync per layer on a GPU: the fused kernels take scalar bounds
-        # in fp32 like the forward: alpha is rarely a bf16 / fp16 value, and the kernels would
-        # round the bound to x's dtype, moving values across it
-        dtype = x.dtype
-        x, g = x.detach().float(), grad.float()
+        gx, galpha = pact_grads(grad, x, q, a, on_host=x.device.type == "cpu")
+        return gx.to(x.dtype), galpha.reshape(()).to(ctx.alpha_dtype), None
+
+
+def pact_grads(
+    grad: torch.Tensor, x: torch.Tensor, q: torch.Tensor, a: torch.Tensor, on_host: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PACT's gradients (d/dx, d/dalpha), in fp32 like the forward: alpha is rarely a bf16 /
+    fp16 value, and x's dtype would round the bound, moving values across it.
+
+    on_host (CPU): alpha read as a Python float, so the fused hardtanh / threshold backward
+    kernels take scalar bounds. On an accelerator that read is a host-device sync per layer
+    per step, so the bounds stay tensors there (no sync; the same values)."""
+    x, g = x.detach().float(), grad.float()
+    if on_host:
+        hi = float(a)
         gx = torch.ops.aten.hardtanh_backward(g, x, *_outside(0.0, hi, torch.float32))
-        # dq/dalpha: (q - x) / alpha inside [0, alpha] (the rounding error, as LSQ), 1 above;
-        # from the difference itself (two large dots would cancel)
-        inside = _dense_dot(gx, q - x) / hi
         above = torch.ops.aten.threshold_backward(g, x, hi).sum()
-        return gx.to(dtype), (inside + above).reshape(()).to(ctx.alpha_dtype), None
+    else:
+        gx = g * ((x >= 0) & (x <= a)).to(g.dtype)
+        above = (g * (x > a).to(g.dtype)).sum()
+    # dq/dalpha: (q - x) / alpha inside [0, alpha] (the rounding error, as LSQ), 1 above;
+    # from the difference itself (two large dots would cancel)
+    inside = _dense_dot(gx, q - x) / a
+    return gx, inside + above
 
 
 def pact_act(x: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
