@@ -23,7 +23,7 @@ from compress.errors import ConfigError, check, check_choice
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WEIGHT_KINDS = ("fp32", "dorefa", "ternary", "binary")
 ACT_KINDS = (*WEIGHT_KINDS, "pact")
 GRAD_MODES = ("ste", "saturate_ste", "soft_ste")  # = compress.quant.primitives.GRAD_MODES
@@ -48,8 +48,9 @@ class TrainSettings:
     milestones: list[int] = field(default_factory=lambda: [100, 150])  # lr_schedule=step
     gamma: float = 0.1  # lr_schedule=step: the LR factor at each milestone
     label_smoothing: float = 0.0
-    precision: str = "fp32"  # fp32 | bf16 (CPU and GPU) | fp16 (GPU)
-    channels_last: bool = False
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16 (GPU)
+    channels_last: bool | None = None  # null: on CUDA only (NHWC convs are faster there)
+    compile: bool = False  # torch.compile the training step
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     progress: bool = True  # a progress bar on a terminal
     # under torchrun: SyncBatchNorm (BN statistics over all processes' batches; CUDA only)
@@ -198,8 +199,10 @@ def validate_schedule(d: dict[str, Any], prefix: str = "schedule") -> None:
         ms,
         "a list of epochs (integers >= 0)",
     )
-    for key in ("nesterov", "channels_last", "progress"):
+    for key in ("nesterov", "progress", "compile"):
         _check_bool(f"{p}.{key}", c[key])
+    if c["channels_last"] is not None:
+        _check_bool(f"{p}.channels_last", c["channels_last"])
     check_choice(f"{p}.optimizer", c["optimizer"], OPTIMIZERS)
     check_choice(f"{p}.lr_schedule", c["lr_schedule"], LR_SCHEDULES)
     check_choice(f"{p}.precision", c["precision"], PRECISIONS)

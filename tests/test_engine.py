@@ -166,3 +166,22 @@ def test_a_non_finite_loss_between_checks_is_caught():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     with pytest.raises(FloatingPointError, match="non-finite by step 9"):
         engine.train_one_epoch(model, loader, opt, sched, TrainConfig(progress=False))
+
+
+def test_auto_settings_follow_the_device():
+    from compress.engine import for_device
+
+    auto = TrainConfig()
+    assert (auto.precision, auto.channels_last) == ("auto", None)
+    cpu = for_device(auto, torch.device("cpu"))
+    assert (cpu.precision, cpu.channels_last) == ("fp32", False)
+    cuda = for_device(auto, torch.device("cuda"))
+    assert (cuda.precision, cuda.channels_last) == ("bf16", True)
+    fixed = for_device(TrainConfig(precision="fp16", channels_last=False), torch.device("cuda"))
+    assert (fixed.precision, fixed.channels_last) == ("fp16", False)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_learns(tmp_path):
+    metrics = run_training(tiny_cfg(epochs=2, compile=True), tmp_path)
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
