@@ -204,3 +204,17 @@ def test_choices_match_the_library():
     from compress.quant import primitives
 
     assert tuple(primitives.GRAD_MODES) == C.GRAD_MODES
+
+
+def test_slurm_recipe_composes_with_the_submitit_launcher():
+    configstore.register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 600)
+    assert cfg.hydra.callbacks.report._target_ == "compress.report.SweepReport"
