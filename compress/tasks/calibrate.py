@@ -1,0 +1,130 @@
+"""The calibrate task: post-training static INT8 of an fp32, pruned or fused checkpoint with
+ONNX Runtime. Folds the BNs (exact), exports `model.onnx`, calibrates activation ranges on
+`calib.batches` x `calib.batch_size` training images (`calib.method`: minmax, percentile or
+entropy), writes `model_int8.onnx` (QDQ: per-channel int8 weights, uint8 activations) and
+reports INT8 accuracy beside fp32 on the test set, file sizes and ORT latency (batch 1 and 64,
+fp32 against int8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.cli import write_json
+from compress.deploy.onnx_export import (
+    INPUT,
+    accuracy,
+    agreement,
+    cpu_isa,
+    file_size,
+    ort_logits,
+    session,
+)
+from compress.deploy.ptq import (
+    ImageCalibrationReader,
+    calibration_loader,
+    qdq_summary,
+    quantize_int8,
+    validate_calib,
+)
+from compress.errors import CheckpointError
+from compress.fuse import count_bn, fuse_bn_
+from compress.quant import is_quantized
+from compress.quant.api import quant_label
+from compress.spec import arch_name, model_from_checkpoint
+from compress.tasks.common import eval_loader, load_data, source_dataset_cfg
+from compress.tasks.export import BATCHES, check_common, export_checked, latencies, load_source
+
+CALIB_DEFAULTS = {"method": "minmax", "batches": 8, "batch_size": 32}
+
+
+def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    calib = {**CALIB_DEFAULTS, **(cfg.get("calib") or {})}
+    validate_calib(calib)
+    check_common(cfg)
+    run_dir, state = load_source(cfg, run_dir, "calibrate.py")
+    if is_quantized(state.get("quant")):
+        raise CheckpointError(
+            f"calibrate.py takes an fp32, pruned or fused checkpoint; {cfg['ckpt']} was trained "
+            f"with quant={quant_label(state['quant'])} (fake-quant): export it with "
+            f"python export.py ckpt={cfg['ckpt']}"
+        )
+    seed = int(cfg.get("seed", 0))
+    model = model_from_checkpoint(state).eval()
+    bn_folded = 0
+    if count_bn(model):
+        bn_folded = len(fuse_bn_(model).folds)
+    data = load_data(source_dataset_cfg(cfg, state), seed)
+    loader = eval_loader(data, torch.device("cpu"))
+    fp32_path, int8_path = run_dir / "model.onnx", run_dir / "model_int8.onnx"
+    sess32, checked, logits32, labels = export_checked(model, data, loader, fp32_path, cfg)
+
+    reader = ImageCalibrationReader(
+        calibration_loader(data, calib["batches"], calib["batch_size"], seed),
+        sess32.get_inputs()[0].name or INPUT,
+        calib["batches"],
+    )
+    quantize_int8(fp32_path, int8_path, reader, calib["method"])
+    calibrated = reader.images
+    sess8 = session(int8_path)
+    logits8, _ = ort_logits(sess8, loader)
+    vs_fp32 = agreement(logits32, logits8)
+    qdq = qdq_summary(int8_path)
+    metrics = {
+        "model": arch_name(model.arch),
+        "dataset": data.name,
+        "fused": bool(state.get("fused")) or bn_folded > 0,
+        "bn_folded": bn_folded,
+        "pruned": bool(state.get("widths")),
+        "format": "onnx",
+        "calib_method": calib["method"],
+        "calib_batches": calib["batches"],
+        "calib_batch_size": calib["batch_size"],
+        "calib_images": calibrated,
+        "images": len(labels),
+        **checked,  # max_abs_diff / top1_agreement: ORT fp32 against PyTorch
+        "test_acc_int8": accuracy(logits8, labels),
+        "int8_max_abs_diff": vs_fp32["max_abs_diff"],
+        "int8_top1_agreement": vs_fp32["top1_agreement"],
+        "int8_bytes": file_size(int8_path),
+        "quantize_linear": qdq["quantize_linear"],
+        "dequantize_linear": qdq["dequantize_linear"],
+        "int8_weights": qdq["int8_weights"],
+        "per_channel_weights": qdq["per_channel_weights"],
+        **cpu_isa(),
+    }
+    metrics["size_ratio"] = metrics["onnx_bytes"] / metrics["int8_bytes"]
+    if cfg.get("latency", True):
+        metrics.update(latencies({"fp32": sess32, "int8": sess8}, data.image_shape, model))
+        for b in BATCHES:
+            metrics[f"speedup_bs{b}"] = (
+                metrics[f"latency_ms_bs{b}_fp32"] / metrics[f"latency_ms_bs{b}_int8"]
+            )
+    metrics["test_acc"] = metrics["best_test_acc"] = metrics["test_acc_int8"]
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def table(m: dict[str, Any]) -> str:
+    rows = [
+        ("test accuracy (%)", f"{m['test_acc_fp32']:.2f}", f"{m['test_acc_int8']:.2f}", ""),
+        ("file size (bytes)", m["onnx_bytes"], m["int8_bytes"], f"{m['size_ratio']:.2f}x"),
+    ]
+    for b in BATCHES if "latency_ms_bs1_int8" in m else ():
+        f, i = m[f"latency_ms_bs{b}_fp32"], m[f"latency_ms_bs{b}_int8"]
+        rows.append((f"ORT latency bs={b} (ms)", f"{f:.2f}", f"{i:.2f}", f"{f / i:.2f}x"))
+    lines = [
+        f"{m['model']}: static INT8 (QDQ, per-channel int8 weights, uint8 activations), "
+        f"{m['calib_method']} calibration on {m['calib_images']} training images",
+        f"{'':24s}{'fp32':>12s}{'int8':>12s}{'ratio':>10s}",
+    ]
+    lines += [f"{k:24s}{str(a):>12s}{str(b):>12s}{str(c):>10s}" for k, a, b, c in rows]
+    lines.append(
+        f"INT8 vs fp32: top-1 agreement {m['int8_top1_agreement']:.2f}%, max |logit diff| "
+        f"{m['int8_max_abs_diff']:.3f}; ORT fp32 vs PyTorch: {m['max_abs_diff']:.2e}, "
+        f"{m['top1_agreement']:.2f}%"
+    )
+    lines.append(f"CPU: {m['cpu']} (int8 ISA: {m['isa']})")
+    return "\n".join(lines)
