@@ -1,9 +1,11 @@
 # The README's commands. Each target sets up .venv first when it is missing.
 PY      := .venv/bin/python
+# the venv's tools first on PATH (its ninja builds the XNOR extension)
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 DATA    ?= $(or $(COMPRESS_DATA_DIR),data)
 SHARED  := ../shared/data/cifar10/unpack.py
 
-.PHONY: demo test lint bench data clean
+.PHONY: demo test test-slow test-all lint bench data clean
 
 .venv/.ready: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -23,6 +25,12 @@ demo: .venv/.ready data
 	COMPRESS_DATA_DIR=$(DATA) $(PY) train.py experiment=quickstart
 
 test: .venv/.ready
+	$(PY) -m pytest -m "not slow"
+
+test-slow: .venv/.ready   # subprocess smoke tests of the entry points, torch.compile, bench/gpu.sh
+	$(PY) -m pytest -m slow
+
+test-all: .venv/.ready
 	$(PY) -m pytest
 
 lint: .venv/.ready
