@@ -6,8 +6,9 @@ A stage is a string (its kind) or a dict:
 
     {stage: quantize, name: w4a4, epochs: 10, lr: 0.01, quant: {weight: {bits: 4}}}
 
-`stage` is the kind, `name` the folder label; `quant`, `model`, `dataset`, `pruner` and
-`sparsity` entries are merged into those groups, and every other key overrides `schedule`.
+`stage` is the kind, `name` the folder label; `quant`, `model`, `dataset`, `pruner`,
+`sparsity` and `calib` entries are merged into those groups, and every other key overrides
+`schedule`. `calibrate` (post-training INT8 in ONNX Runtime) can only be the last stage.
 With `resume=true`, finished stages (those with a stage.json) are skipped and the interrupted
 one continues from its last.pt.
 """
@@ -23,7 +24,9 @@ from typing import Any
 
 from compress.cli import write_json
 from compress.config import validate_run
+from compress.deploy.ptq import validate_calib
 from compress.errors import ConfigError, check_choice
+from compress.tasks import calibrate as calibrate_task
 from compress.tasks import fuse as fuse_task
 from compress.tasks import prune as prune_task
 from compress.tasks import train as train_task
@@ -58,6 +61,16 @@ def _fuse_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
     return stage_dir / "fused.pt"
 
 
+def _calibrate_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
+    """Post-training INT8 of the previous stage's model (ONNX Runtime); the last stage: what it
+    writes is an ONNX file, not weights a later stage could train."""
+    calib = {**calibrate_task.CALIB_DEFAULTS, **(cfg.get("calib") or {})}
+    calibrate_task.run(
+        {**cfg, "ckpt": cfg["init_from"], "calib": calib, "device": "cpu"}, stage_dir
+    )
+    return Path(cfg["init_from"])
+
+
 # A stage runner takes the stage's config and folder and returns the checkpoint it produced.
 STAGE_KINDS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "train": _train_stage,  # from init_from when given, else from scratch
@@ -66,9 +79,11 @@ STAGE_KINDS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "finetune": _train_stage,  # from the previous stage
     "quantize": _train_stage,  # from the previous stage, with this stage's quant config
     "fuse": _fuse_stage,  # fold BNs of the previous stage's model
+    "calibrate": _calibrate_stage,  # INT8 ONNX of the previous stage's model (last stage only)
 }
-NEEDS_INPUT = {"prune", "finetune", "quantize", "fuse"}
-GROUP_KEYS = ("quant", "model", "dataset", "pruner", "sparsity")
+NEEDS_INPUT = {"prune", "finetune", "quantize", "fuse", "calibrate"}
+GROUP_KEYS = ("quant", "model", "dataset", "pruner", "sparsity", "calib")
+TOP_KEYS = ("latency",)  # calibrate: false skips the ORT timing
 
 
 def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -87,7 +102,14 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
                 f"schedule.stages[{i}]={kind} needs trained weights, but no earlier stage trains "
                 "a model and init_from is not set: put a train stage first or pass init_from=PATH"
             )
-        groups = {k: spec.pop(k) for k in GROUP_KEYS if k in spec}
+        if kind == "calibrate":
+            if i != len(stages) - 1:
+                raise ConfigError(
+                    f"schedule.stages[{i}]=calibrate must be the last stage: it writes an INT8 "
+                    "ONNX model, not weights a later stage could train"
+                )
+            validate_calib({**calibrate_task.CALIB_DEFAULTS, **(spec.get("calib") or {})})
+        groups = {k: spec.pop(k) for k in (*GROUP_KEYS, *TOP_KEYS) if k in spec}
         stage_cfg = _merge(base, {**groups, "schedule": spec})
         stage_cfg["resume"], stage_cfg["refine"] = False, None
         validate_run(stage_cfg, where=f"schedule.stages[{i}]")  # all stages before any trains

@@ -86,3 +86,21 @@ def test_interrupted_pipeline_resumes_where_it_stopped(tmp_path, monkeypatch):
     last = load_checkpoint(tmp_path / "02_finetune" / "last.pt")
     assert last["epoch"] == 2 and len(last["history"]) == 2
     assert summary["stages"][-1]["kind"] == "finetune"
+
+
+def test_calibrate_stage_ends_a_pipeline_with_an_int8_model(tmp_path):
+    pytest.importorskip("onnxruntime")
+    calib = {
+        "stage": "calibrate",
+        "calib": {"method": "percentile", "batches": 2},
+        "latency": False,
+    }
+    summary = run_pipeline(staged("train", "fuse", calib), tmp_path)
+    last = summary["stages"][-1]
+    assert last["kind"] == "calibrate" and last["calib_method"] == "percentile"
+    assert (tmp_path / "02_calibrate" / "model_int8.onnx").exists()
+    assert last["int8_top1_agreement"] >= 90 and last["int8_bytes"] < last["onnx_bytes"]
+    with pytest.raises(ConfigError, match=r"stages\[1\]=calibrate must be the last stage"):
+        plan(staged("train", "calibrate", "fuse"))
+    with pytest.raises(ConfigError, match="calib.batches=0"):
+        plan(staged("train", {"stage": "calibrate", "calib": {"batches": 0}}))
