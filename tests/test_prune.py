@@ -280,3 +280,26 @@ def test_a_quantized_model_is_pruned_with_its_learned_clips(entry, tmp_path):
     assert alphas and all(a == 2.5 for a in alphas)
     float_model = model_from_checkpoint(pruned, quantized=False)  # for finetuning: float again
     assert not any(isinstance(m, PACTAct) for m in float_model.modules())
+
+
+class SharedConv(nn.Module):
+    """One conv applied twice (weight sharing): its channels must keep one width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.shared = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(self.bn1(self.shared(x)))
+        x = torch.relu(self.bn2(self.shared(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_layer_called_twice_keeps_its_channels():
+    # its inputs and outputs are frozen (both calls need one width), which here leaves nothing
+    with pytest.raises(PruneError, match="SharedConv has no prunable channels"):
+        channel_graph(randomize_bn_(SharedConv()), SHAPE)

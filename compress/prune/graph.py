@@ -338,7 +338,7 @@ class _Walker:
     def module(self, node: fx.Node) -> list[int] | None:
         m, name = self.mods[node.target], str(node.target)
         x = self._arg(node.args[0]) if node.args else None
-        if x is None:
+        if x is None or name in self.shared:  # a layer called twice: one width for both calls
             return self._opaque(node)
         if isinstance(m, nn.Conv2d):
             return self._conv(name, m, x)
@@ -458,6 +458,12 @@ class _Walker:
         return self._opaque(node)
 
     def run(self) -> None:
+        calls: dict[str, int] = defaultdict(int)
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module":
+                calls[str(node.target)] += 1
+        resizable = (nn.Conv2d, nn.Linear, *BNS)
+        self.shared = {t for t, n in calls.items() if n > 1 and isinstance(self.mods[t], resizable)}
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 self.lists[node] = self._constant(node)
