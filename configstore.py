@@ -111,7 +111,7 @@ class ExportRun:
 
     dataset: Any = None  # null: the data set the checkpoint was trained on
     ckpt: str = MISSING
-    format: str = "onnx"  # onnx (openvino, ncnn: not built yet)
+    format: str = "onnx"  # onnx | openvino | ncnn (calibrate: onnx)
     opset: int = 18  # >= 17; 18 is the dynamo exporter's own
     dynamo: bool = True  # torch.onnx.export(dynamo=...); false: the TorchScript exporter
     latency: bool = True  # time ORT (and PyTorch eager) at batch 1 and 64

@@ -19,7 +19,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     with user_errors():
         metrics = export_task.run(configstore.plain_config(cfg), run_dir)
         print(export_task.table(metrics))
-        print(f"ONNX model: {run_dir / 'model.onnx'}")
+        print(f"exported model: {metrics.get('model_file', run_dir / 'model.onnx')}")
         return metrics["test_acc"]
 
 

@@ -24,7 +24,7 @@ from compress.errors import ConfigError, check, check_choice
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-WEIGHT_KINDS = ("fp32", "dorefa", "ternary", "binary")
+WEIGHT_KINDS = ("fp32", "dorefa", "ternary", "binary", "int8")
 ACT_KINDS = (*WEIGHT_KINDS, "pact")
 GRAD_MODES = ("ste", "saturate_ste", "soft_ste")  # = compress.quant.primitives.GRAD_MODES
 PRUNERS = ("normal", "regular", "gc")
@@ -98,6 +98,9 @@ class QuantConfig:
     act: ActQuantConfig = field(default_factory=ActQuantConfig)
     keep: list[str] = field(default_factory=list)  # further conv / linear layers kept float
     keep_first_last: bool = True  # the first conv and the classifier stay full precision
+    # BN statistics learn for this many epochs, then stay frozen (running statistics, no
+    # updates: INT8 QAT's batch-norm freeze); null: never frozen
+    freeze_bn_epoch: int | None = None
 
 
 @dataclass
@@ -279,6 +282,13 @@ def validate_quant(d: dict[str, Any], prefix: str = "quant") -> None:
     )
     if "keep_first_last" in d:
         _check_bool(f"{prefix}.keep_first_last", d["keep_first_last"])
+    fbe = d.get("freeze_bn_epoch")
+    _check(
+        fbe is None or (_int(fbe) and fbe >= 1),
+        f"{prefix}.freeze_bn_epoch",
+        fbe,
+        "null or an integer >= 1 (the epochs that update BN statistics before the freeze)",
+    )
 
 
 def validate_pruner(d: dict[str, Any], prefix: str = "pruner") -> None:

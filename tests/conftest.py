@@ -84,3 +84,16 @@ def entry(capsys):
         return code, out.out, out.err
 
     return call
+
+
+@pytest.fixture(autouse=True)
+def _compress_loggers_enabled():
+    """A runtime imported by an earlier test (OpenVINO / pnnx) can disable existing loggers;
+    tests that read compress's log lines need them on."""
+    import logging
+
+    for name, lg in logging.root.manager.loggerDict.items():
+        if name.startswith("compress") and isinstance(lg, logging.Logger):
+            lg.disabled, lg.propagate = False, True
+    if logging.root.level > logging.WARNING:
+        logging.root.setLevel(logging.WARNING)

@@ -163,7 +163,7 @@ def test_cpu_isa_reads_flags(tmp_path):
     [
         ("calibrate.py", "calib.batches=0", "calib.batches=0 is invalid: expected an integer >= 1"),
         ("calibrate.py", "calib.method=kl", "calib.method='kl' is invalid"),
-        ("export.py", "format=ncnn", "format=ncnn is not built yet"),
+        ("export.py", "format=tensorrt", "format=tensorrt is not built yet"),
         ("calibrate.py", "format=openvino", "format=openvino is not built yet"),
         ("export.py", "device=cuda", "device='cuda' is invalid"),
     ],

@@ -33,7 +33,8 @@ from compress.errors import CompressError, ConfigError
 INSTALL_HINT = "pip install -e '.[deploy]'"
 DEFAULT_OPSET = 18
 FORMATS = ("onnx",)
-NOT_BUILT = ("openvino", "ncnn", "tensorrt", "tflite")
+BUILT = ("onnx", "openvino", "ncnn")  # the formats export.py writes and checks
+NOT_BUILT = ("tensorrt", "tflite")
 INPUT, OUTPUT = "input", "logits"
 _LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx")
 _LOGGERS += ("onnxscript", "onnx_ir")
@@ -52,13 +53,17 @@ def require(module: str = "onnxruntime") -> Any:
         raise ConfigError(f"{module} is not installed: {INSTALL_HINT}") from None
 
 
-def check_format(fmt: str) -> None:
-    """format=onnx is built; the other runtimes get one line each."""
-    if fmt in FORMATS:
+def check_format(fmt: str, formats: tuple[str, ...] = FORMATS) -> None:
+    """Accept `fmt` when the calling task has built it: `formats` (calibrate.py: onnx, export.py:
+    BUILT); the other runtimes get one line each."""
+    if fmt in formats:
         return
-    if fmt in NOT_BUILT:
-        raise ConfigError(f"format={fmt} is not built yet: only format=onnx exports today")
-    raise ConfigError(f"format={fmt!r} is invalid: expected onnx ({', '.join(NOT_BUILT)}: later)")
+    if fmt in BUILT + NOT_BUILT:
+        only = " or ".join(f"format={f}" for f in formats)
+        elsewhere = f" (python export.py format={fmt} writes it)" if fmt in BUILT else ""
+        raise ConfigError(f"format={fmt} is not built yet: only {only} here{elsewhere}")
+    later = ", ".join(NOT_BUILT)
+    raise ConfigError(f"format={fmt!r} is invalid: expected {', '.join(formats)} ({later}: later)")
 
 
 def exporter_name(opset: int, dynamo: bool = True) -> str:

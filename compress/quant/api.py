@@ -31,6 +31,7 @@ from torch import nn
 from compress.config import validate_quant
 from compress.errors import ConfigError
 from compress.models.blocks import Activation
+from compress.quant.int8 import Int8Act
 from compress.quant.modules import QConv2d, QLinear
 from compress.quant.quantizers import (
     BinaryAct,
@@ -55,7 +56,7 @@ WEIGHT_HANDLERS: dict[type[nn.Module], Callable[[Any, Quantizer], nn.Module]] = 
 }
 # module types whose output an activation quantizer replaces in a model without Activation slots
 ACT_SITES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-ACT_QUANTIZERS = (FP32Act, DoReFaAct, PACTAct, TernaryAct, BinaryAct)
+ACT_QUANTIZERS = (FP32Act, DoReFaAct, PACTAct, TernaryAct, BinaryAct, Int8Act)
 
 
 def register_weight_handler(cls: type[nn.Module], handler: Callable[..., nn.Module]) -> None:
@@ -206,10 +207,13 @@ def to_float(model: nn.Module) -> nn.Module:
 
 def quant_label(cfg: dict[str, Any] | None) -> str:
     """A short name derived from the settings themselves: fp32, w4a4, wbab, wta32, w4a4p
-    (PACT activations), ..."""
+    (PACT activations), int8_qat (INT8 weights and activations; wi8a32 with one of them), ..."""
     if not is_quantized(cfg):
         return "fp32"
-    short = {"fp32": "32", "ternary": "t", "binary": "b"}
+    w, a = dict(cfg.get("weight") or {}), dict(cfg.get("act") or {})
+    if w.get("kind") == a.get("kind") == "int8":
+        return "int8_qat"
+    short = {"fp32": "32", "ternary": "t", "binary": "b", "int8": "i8"}
 
     def part(c: dict[str, Any]) -> str:
         kind = c.get("kind", "fp32")
@@ -217,7 +221,7 @@ def quant_label(cfg: dict[str, Any] | None) -> str:
             return f"{c.get('bits')}{'p' if kind == 'pact' else ''}"
         return short[kind]
 
-    return f"w{part(dict(cfg.get('weight') or {}))}a{part(dict(cfg.get('act') or {}))}"
+    return f"w{part(w)}a{part(a)}"
 
 
 def act_quantizers(model: nn.Module) -> list[Quantizer]:

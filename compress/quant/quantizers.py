@@ -21,12 +21,8 @@ from compress.config import (
     validate_quantizer,
 )
 from compress.quant import primitives as P
-
-
-class Quantizer(nn.Module):
-    bits: int = 32
-    kind: str = "fp32"
-    scaled: bool = False  # stores one fp32 scale per output channel
+from compress.quant.base import Quantizer
+from compress.quant.int8 import Int8Act, Int8Weight
 
 
 # ---------------------------------------------------------------- weights
@@ -174,6 +170,8 @@ def weight_quantizer(cfg: dict[str, Any], prefix: str = "quant.weight") -> Quant
         return BinaryWeight(
             cfg.get("scale", _W.scale), cfg.get("center", _W.center), cfg.get("clip", _W.clip)
         )
+    if kind == "int8":
+        return Int8Weight()
     return FP32Weight()
 
 
@@ -190,4 +188,6 @@ def act_quantizer(cfg: dict[str, Any], prefix: str = "quant.act") -> Quantizer:
         return TernaryAct(cfg.get("threshold", _A.threshold), grad)
     if kind == "binary":
         return BinaryAct(grad)
+    if kind == "int8":
+        return Int8Act()
     return FP32Act()

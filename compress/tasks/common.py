@@ -19,6 +19,7 @@ from compress.models import create_model
 from compress.models.registry import accepts
 from compress.prune import regularize_bn_, slimming_scales
 from compress.quant.api import clip_latent_weights_, latent_clip_params
+from compress.quant.int8 import bn_freeze_hook
 from compress.spec import arch_name, model_from_checkpoint
 
 AUGMENT_KEYS = ("crop_padding", "flip")
@@ -169,6 +170,18 @@ class ClipLatentWeights(Callback):
 
     def after_step(self, model: nn.Module) -> None:
         clip_latent_weights_(self.params)
+
+
+class FreezeBN(Callback):
+    """INT8 QAT's batch-norm freeze (quant.freeze_bn_epoch) at the end of each epoch; a run
+    resumed past the freeze epoch is frozen from its first step (`start` = epochs done)."""
+
+    def __init__(self, model: nn.Module, epoch: int, start: int = 0) -> None:
+        self.hook = bn_freeze_hook(model, epoch)
+        self.hook(start)
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, writer: Any) -> None:
+        self.hook(epoch, model)
 
 
 class BNSparsity(Callback):

@@ -28,6 +28,7 @@ from compress.spec import arch_name, model_from_checkpoint
 from compress.tasks.common import (
     BNSparsity,
     ClipLatentWeights,
+    FreezeBN,
     build_model,
     load_data,
     measure_latency,
@@ -106,6 +107,9 @@ def _run(
         hooks.append(BNSparsity(model, float(sparsity.get("s", 1e-4)), data.image_shape))
     if is_quantized(quant_cfg):
         quantize_(model, quant_cfg)
+    if quant_cfg.get("freeze_bn_epoch"):
+        done = resume_state["epoch"] if resume_state else 0
+        hooks.append(FreezeBN(model, int(quant_cfg["freeze_bn_epoch"]), done))
     clip = ClipLatentWeights(model)
     if clip.params:
         hooks.append(clip)
