@@ -11,11 +11,7 @@ file and remove it at exit, so only rank 0 writes anything.
 
 from __future__ import annotations
 
-import shutil
-import signal
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import hydra
@@ -24,12 +20,19 @@ from omegaconf import DictConfig, OmegaConf
 
 import configstore  # stores the config schemas in Hydra's ConfigStore on import
 from compress.cli import user_errors
-from compress.distributed import Dist, env_rank, env_world, init_from_env
+from compress.distributed import (
+    Dist,
+    distributed_argv,
+    env_rank,
+    env_world,
+    init_from_env,
+    quiet_unless_alone,
+    rank_scratch,
+    scratch_removed,
+)
 from compress.errors import CompressError, ConfigError
 from compress.pipeline import run_pipeline
 from compress.tasks.common import resolve_device
-
-ERROR_GRACE_S = 3.0  # see _quiet_unless_alone
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
@@ -54,18 +57,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
                 )
             return metrics["test_acc"]
         except (CompressError, FloatingPointError):
-            _quiet_unless_alone(dist.rank)
+            quiet_unless_alone(dist.rank)
             raise
         finally:
             dist.shutdown()
-
-
-def _quiet_unless_alone(rank: int) -> None:
-    """On ranks other than 0, wait a moment before an error is printed: rank 0 meets the same
-    config / checkpoint error and prints its line, and torchrun then stops this rank, so the
-    user reads one line, not one per process. An error of this rank alone still prints."""
-    if rank != 0:
-        time.sleep(ERROR_GRACE_S)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -73,43 +68,9 @@ def main(cfg: DictConfig) -> float:
     return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
-def distributed_argv(argv: list[str], scratch: str) -> list[str]:
-    """The command line for this process under torchrun (unchanged without it).
-
-    Refuses a multirun. On ranks other than 0: Hydra runs in `scratch` (the real run directory
-    comes from rank 0) without writing `.hydra/` or a log file.
-    """
-    if env_world()[1] <= 1:
-        return argv
-    if any(a in ("-m", "--multirun") for a in argv[1:]):
-        raise ConfigError(
-            "torchrun runs one training run: drop -m/--multirun (start one torchrun per "
-            "sweep point)"
-        )
-    if env_rank() == 0:
-        return argv
-    drop = ("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging=")
-    kept = [a for a in argv[1:] if not a.lstrip("+~").startswith(drop)]
-    return [
-        argv[0],
-        *kept,
-        f"hydra.run.dir={scratch}",
-        "hydra.output_subdir=null",
-        "hydra/job_logging=none",
-    ]
-
-
 if __name__ == "__main__":
-    scratch = None
     with user_errors():
-        if env_world()[1] > 1 and env_rank() != 0:
-            scratch = tempfile.mkdtemp(prefix=f"compress-rank{env_rank()}-")
-            # torchrun stops the other ranks with SIGTERM when one fails: exit through the
-            # `finally` below, so the scratch folder goes too
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-        sys.argv = distributed_argv(sys.argv, scratch or "")
-    try:
+        scratch = rank_scratch()
+        sys.argv = distributed_argv(sys.argv, scratch)
+    with scratch_removed(scratch):
         main()
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)

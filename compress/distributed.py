@@ -9,7 +9,14 @@ whose helpers are no-ops, so the training loop has one code path.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,3 +169,61 @@ def check_resume_world(saved: Any, world: int, path: Any) -> None:
         else f"resume with --nproc_per_node={saved}"
     )
     raise ConfigError(f"{path} was written by a {saved}-process run; {how}")
+
+
+# ---------------------------------------------------------------- the entry point's side
+ERROR_GRACE_S = 3.0  # see quiet_unless_alone
+
+
+def quiet_unless_alone(rank: int) -> None:
+    """On ranks other than 0, wait a moment before an error is printed: rank 0 meets the same
+    config / checkpoint error and prints its line, and torchrun then stops this rank, so the
+    user reads one line, not one per process. An error of this rank alone still prints."""
+    if rank != 0:
+        time.sleep(ERROR_GRACE_S)
+
+
+def distributed_argv(argv: list[str], scratch: str | None) -> list[str]:
+    """The command line for this process under torchrun (unchanged without it).
+
+    Refuses a multirun. On ranks other than 0: Hydra runs in `scratch` (the real run directory
+    comes from rank 0) without writing `.hydra/` or a log file.
+    """
+    if env_world()[1] <= 1:
+        return argv
+    if any(a in ("-m", "--multirun") for a in argv[1:]):
+        raise ConfigError(
+            "torchrun runs one training run: drop -m/--multirun (start one torchrun per "
+            "sweep point)"
+        )
+    if env_rank() == 0:
+        return argv
+    drop = ("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging=")
+    kept = [a for a in argv[1:] if not a.lstrip("+~").startswith(drop)]
+    return [
+        argv[0],
+        *kept,
+        f"hydra.run.dir={scratch}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=none",
+    ]
+
+
+def rank_scratch() -> str | None:
+    """A throwaway folder for Hydra on ranks other than 0 under torchrun (None otherwise).
+
+    torchrun stops the other ranks with SIGTERM when one fails: they exit through
+    `scratch_removed`, so the folder goes too."""
+    if env_world()[1] <= 1 or env_rank() == 0:
+        return None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    return tempfile.mkdtemp(prefix=f"compress-rank{env_rank()}-")
+
+
+@contextlib.contextmanager
+def scratch_removed(scratch: str | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

@@ -208,12 +208,12 @@ class Chunks:
 
 @dataclass
 class Layer:
-    """How one module reads or writes channels: the atom list of its input and its output."""
+    """How one module reads channels: the atom list of its input (its output atoms, when it
+    produces channels, are the walker's `spaces[name]`)."""
 
     name: str
     module: nn.Module
     inputs: list[int] | None = None  # conv / linear / BN input atoms (one per channel/feature)
-    outputs: list[int] | None = None  # conv / linear output atoms (None: shares the input's)
 
 
 @dataclass
