@@ -97,3 +97,19 @@ def _compress_loggers_enabled():
             lg.disabled, lg.propagate = False, True
     if logging.root.level > logging.WARNING:
         logging.root.setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Path:
+    """best.pt of a ResNet-20 (8 channels, option-A shortcuts) trained 2 epochs on the synthetic
+    set; shared by the deploy tests (one training for all of them)."""
+    from compress.tasks import train as train_task
+    from tests.test_engine import tiny_cfg
+
+    cfg = tiny_cfg(epochs=2, lr=0.05, batch_size=16)
+    cfg["model"]["channels"] = [8] * 9
+    cfg["dataset"].update(num_train=256, num_test=128, crop_padding=0, flip=False)
+    run_dir = tmp_path_factory.mktemp("train")
+    metrics = train_task.run(cfg, run_dir)
+    assert metrics["test_acc"] > 50  # it learned something: 10 classes
+    return run_dir / "best.pt"

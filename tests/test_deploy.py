@@ -31,23 +31,9 @@ from compress.quant import quantize_  # noqa: E402
 from compress.spec import checkpoint_state, model_from_checkpoint  # noqa: E402
 from compress.tasks import fuse as fuse_task  # noqa: E402
 from compress.tasks import prune as prune_task  # noqa: E402
-from compress.tasks import train as train_task  # noqa: E402
 from compress.tasks.common import eval_loader, load_data, source_dataset_cfg  # noqa: E402
-from tests.test_engine import tiny_cfg  # noqa: E402
 
 W4A4 = {"weight": {"kind": "dorefa", "bits": 4}, "act": {"kind": "dorefa", "bits": 4}}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A ResNet-20 (8 channels) trained 2 epochs on the synthetic set: best.pt's path."""
-    cfg = tiny_cfg(epochs=2, lr=0.05, batch_size=16)
-    cfg["model"]["channels"] = [8] * 9
-    cfg["dataset"].update(num_train=256, num_test=128, crop_padding=0, flip=False)
-    run_dir = tmp_path_factory.mktemp("train")
-    metrics = train_task.run(cfg, run_dir)
-    assert metrics["test_acc"] > 50  # it learned something: 10 classes
-    return run_dir / "best.pt"
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,6 @@ pytest.importorskip("onnx")
 from compress.deploy import ExportError  # noqa: E402
 from compress.deploy.ncnn_export import export_ncnn, load_net, ncnn_run  # noqa: E402
 from compress.deploy.openvino_export import export_openvino  # noqa: E402
-from compress.tasks import train as train_task  # noqa: E402
-from tests.test_engine import tiny_cfg  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A ResNet-20 (8 channels, option-A shortcuts) trained 1 epoch on the synthetic set."""
-    cfg = tiny_cfg(epochs=1, lr=0.05, batch_size=16)
-    cfg["model"]["channels"] = [8] * 9
-    cfg["dataset"].update(num_train=128, num_test=128, crop_padding=0, flip=False)
-    run_dir = tmp_path_factory.mktemp("train")
-    train_task.run(cfg, run_dir)
-    return run_dir / "best.pt"
 
 
 @pytest.mark.parametrize(
