@@ -115,6 +115,7 @@ class ExportRun:
     opset: int = 18  # >= 17; 18 is the dynamo exporter's own
     dynamo: bool = True  # torch.onnx.export(dynamo=...); false: the TorchScript exporter
     latency: bool = True  # time ORT (and PyTorch eager) at batch 1 and 64
+    int8: Any = "auto"  # QAT checkpoints: auto | true (integer QDQ model) | false (float graph)
     seed: int = 0
     device: str = "cpu"  # ONNX Runtime's CPU provider
 

@@ -19,8 +19,10 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +194,26 @@ def session(path: str | Path, threads: int | None = None) -> Any:
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "MatMulInteger", "ConvInteger")
+
+
+def ort_kernels(path: str | Path) -> dict[str, int]:
+    """The nodes ORT runs for the model at `path` after its graph optimizations, by op type:
+    whether the Q / DQ pairs became integer kernels (QLinearConv, ...) or stayed float."""
+    onnx = require("onnx")
+    ort = require("onnxruntime")
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        # ORT_ENABLE_ALL would add layout nodes of this CPU; the QDQ fusions are in EXTENDED
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath).graph
+    ops = Counter(n.op_type for n in graph.node)
+    return dict(sorted(ops.items()))
 
 
 def ort_run(sess: Any, x: torch.Tensor | np.ndarray) -> np.ndarray:

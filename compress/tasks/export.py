@@ -2,6 +2,13 @@
 `cfg["format"]` and prove it in that runtime: max |logit diff| and top-1 agreement with PyTorch
 on the test set, accuracy, file size, latency at batch 1 and 64 against PyTorch eager.
 
+A QAT checkpoint (quant=...) whose quantizers all have an 8-bit integer form (int8_qat, DoReFa /
+PACT with k <= 7-bit weights, ternary, binary; compress.deploy.qdq) is written as an integer
+model, `model_int8.onnx`: its quantizers as Q / DQ pairs, which ONNX Runtime and OpenVINO run as
+integer convolutions; it is checked against the fake-quant PyTorch model and timed against the
+same architecture in fp32 in the same runtime (`model_fp32.onnx`). `int8=false` writes the
+fake-quant float graph instead; `int8=true` refuses a model that has no integer form.
+
 format=onnx: `model.onnx`, run in ONNX Runtime. format=openvino: `model.xml` + `model.bin`
 (OpenVINO IR converted from the same `model.onnx`), run by OpenVINO's CPU plugin in f32.
 format=ncnn: `model.ncnn.param` + `model.ncnn.bin` (pnnx, from the ONNX graph; the ONNX file
@@ -9,6 +16,8 @@ itself is not kept), run by ncnn one image at a time."""
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,7 @@ from compress.deploy.onnx_export import (
     export_onnx,
     exporter_name,
     file_size,
+    ort_kernels,
     ort_latency_ms,
     ort_logits,
     require,
@@ -48,13 +58,17 @@ from compress.deploy.openvino_export import (
     ov_latency_ms,
     ov_logits,
 )
+from compress.deploy.qdq import QDQError, to_qdq
 from compress.errors import ConfigError, check_choice
+from compress.fuse import fuse_bn_
 from compress.metrics import latency_ms
-from compress.quant.api import applied_label
+from compress.quant.api import applied_label, is_quantized, to_float
 from compress.spec import arch_name, model_from_checkpoint
 from compress.tasks.common import eval_loader, load_data, logits_on, source_dataset_cfg
 
 BATCHES = (1, 64)
+INT8_CHOICES = ("auto", True, False)
+log = logging.getLogger(__name__)
 
 
 # the packages each format needs, in the order they are checked
@@ -105,13 +119,19 @@ def latencies(
 
 
 def export_checked(
-    model: torch.nn.Module, data: Any, loader: Any, path: Path, cfg: dict[str, Any]
+    model: torch.nn.Module,
+    data: Any,
+    loader: Any,
+    path: Path,
+    cfg: dict[str, Any],
+    reference: torch.nn.Module | None = None,
 ) -> tuple[Any, dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Export `model` to `path`, run it in ORT over `loader` and compare with PyTorch.
+    """Export `model` to `path`, run it in ORT over `loader` and compare with PyTorch
+    (`reference`, the model itself by default).
 
     Returns the session, the metrics, ORT's logits and the labels."""
     model.cpu().eval()
-    torch_logits, labels = logits_on(model, loader)
+    torch_logits, labels = logits_on((reference or model).cpu().eval(), loader)
     export_onnx(
         model,
         path,
@@ -132,19 +152,25 @@ def export_checked(
 
 
 def runtime_checked(
-    model: torch.nn.Module, data: Any, loader: Any, run_dir: Path, cfg: dict[str, Any]
+    model: torch.nn.Module,
+    data: Any,
+    loader: Any,
+    run_dir: Path,
+    cfg: dict[str, Any],
+    reference: torch.nn.Module | None = None,
 ) -> tuple[Any, Callable[..., float], dict[str, Any], torch.Tensor]:
     """Export `model` in format openvino or ncnn under `run_dir`, run it in its runtime over
-    `loader` and compare with PyTorch.
+    `loader` and compare with PyTorch (`reference`, the model itself by default).
 
     Returns the loaded model, its latency timer, the metrics and the labels."""
     fmt = cfg["format"]
     model.cpu().eval()
-    torch_logits, labels = logits_on(model, loader)
+    torch_logits, labels = logits_on((reference or model).cpu().eval(), loader)
     name = f"{arch_name(model.arch)} ({cfg.get('ckpt')})"
     opset, dynamo = int(cfg.get("opset", DEFAULT_OPSET)), bool(cfg.get("dynamo", True))
     if fmt == "openvino":
-        onnx = export_onnx(model, run_dir / "model.onnx", data.image_shape, opset, dynamo, name)
+        onnx_name = "model_int8.onnx" if cfg.get("_int8") else "model.onnx"
+        onnx = export_onnx(model, run_dir / onnx_name, data.image_shape, opset, dynamo, name)
         path = export_openvino(onnx, run_dir / XML, name)
         loaded, timer, size = compile_cpu(path), ov_latency_ms, ir_bytes(path)
         got, _ = ov_logits(loaded, loader)
@@ -178,18 +204,70 @@ def onnx_exporter(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"opset": opset, "exporter": exporter_name(opset, cfg.get("dynamo", True))}
 
 
+def int8_choice(cfg: dict[str, Any]) -> str | bool:
+    value = cfg.get("int8", "auto")
+    if value not in INT8_CHOICES:
+        raise ConfigError(f"int8={value!r} is invalid: expected auto, true or false")
+    return value
+
+
+def integer_model(
+    model: torch.nn.Module, state: dict[str, Any], cfg: dict[str, Any]
+) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+    """The QDQ form of a QAT model when the export writes one (None otherwise), and metrics
+    saying which and why."""
+    choice, fmt = int8_choice(cfg), cfg.get("format", "onnx")
+    if not is_quantized(state.get("quant")) or choice is False:
+        return None, {"int8": False}
+    if fmt == "ncnn":
+        if choice is True:
+            raise ConfigError(
+                "int8=true: format=ncnn takes the fake-quant float graph (ncnn's own int8 needs "
+                "its calibration table); use format=onnx or format=openvino for the integer model"
+            )
+        return None, {"int8": False, "int8_skipped": "format=ncnn runs the float graph"}
+    try:
+        qdq, report = to_qdq(model)
+    except QDQError as e:
+        if choice is True:
+            raise ConfigError(f"int8=true: {e}") from None
+        log.warning("export: writing the fake-quant float graph: %s", e)
+        return None, {"int8": False, "int8_skipped": str(e)}
+    return qdq, {"int8": True, **report.as_metrics()}
+
+
+def fp32_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """The same architecture in fp32 (quantizers removed, BNs folded): the baseline an integer
+    model's speed is measured against."""
+    twin = to_float(copy.deepcopy(model).cpu().eval())
+    fuse_bn_(twin)
+    return twin
+
+
 def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     check_common(cfg, BUILT)
+    int8_choice(cfg)
     fmt = cfg.get("format", "onnx")
     run_dir, state = load_source(cfg, run_dir, "export.py")
     model = model_from_checkpoint(state)
     data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
     loader = eval_loader(data, torch.device("cpu"))
+    qdq, int8 = integer_model(model, state, cfg)
+    deployed = model if qdq is None else qdq
+    cfg = {**cfg, "_int8": qdq is not None}
     if fmt == "onnx":
-        sess, checked, _, labels = export_checked(model, data, loader, run_dir / "model.onnx", cfg)
+        path = run_dir / ("model.onnx" if qdq is None else "model_int8.onnx")
+        sess, checked, _, labels = export_checked(deployed, data, loader, path, cfg, model)
         timer: Callable[..., float] = ort_latency_ms
+        if qdq is not None:
+            checked["model_file"] = str(path)
+            checked["int8_bytes"] = checked["onnx_bytes"]
+            checked["kernels"] = ort_kernels(path)
     else:
-        sess, timer, checked, labels = runtime_checked(model, data, loader, run_dir, cfg)
+        sess, timer, checked, labels = runtime_checked(deployed, data, loader, run_dir, cfg, model)
+    tag = "int8" if qdq is not None else "fp32"
+    if qdq is not None:
+        checked[f"test_acc_{tag}"] = checked.pop("test_acc_fp32")
     metrics = {
         "model": arch_name(model.arch),
         "dataset": data.name,
@@ -199,19 +277,33 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         "format": fmt,
         **onnx_exporter(cfg),
         "images": len(labels),
+        **int8,
         **checked,
         **cpu_isa(),
     }
     if cfg.get("latency", True):
-        metrics.update(latencies({"fp32": sess}, data.image_shape, model, timer))
-        tag = "ort" if fmt == "onnx" else fmt
+        sessions = {tag: sess}
+        if qdq is not None:  # the same architecture in fp32, same runtime: the speed-up's base
+            sessions["fp32"] = fp32_session(fp32_twin(model), data, run_dir, cfg)
+        metrics.update(latencies(sessions, data.image_shape, model, timer))
+        rt = "ort" if fmt == "onnx" else fmt
         for b in BATCHES:
-            metrics[f"speedup_bs{b}_{tag}_vs_torch"] = (
-                metrics[f"latency_ms_bs{b}_torch"] / metrics[f"latency_ms_bs{b}_fp32"]
-            )
-    metrics["test_acc"] = metrics["best_test_acc"] = metrics["test_acc_fp32"]
+            ms = metrics[f"latency_ms_bs{b}_{tag}"]
+            metrics[f"speedup_bs{b}_{rt}_vs_torch"] = metrics[f"latency_ms_bs{b}_torch"] / ms
+            if qdq is not None:
+                metrics[f"speedup_bs{b}_int8_vs_fp32"] = metrics[f"latency_ms_bs{b}_fp32"] / ms
+    metrics["test_acc"] = metrics["best_test_acc"] = metrics[f"test_acc_{tag}"]
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def fp32_session(model: torch.nn.Module, data: Any, run_dir: Path, cfg: dict[str, Any]) -> Any:
+    """`model` exported to `model_fp32.onnx` and loaded in the runtime of `cfg["format"]`."""
+    opset, dynamo = int(cfg.get("opset", DEFAULT_OPSET)), bool(cfg.get("dynamo", True))
+    path = export_onnx(model, run_dir / "model_fp32.onnx", data.image_shape, opset, dynamo)
+    if cfg.get("format", "onnx") == "openvino":
+        return compile_cpu(export_openvino(path, run_dir / "model_fp32.xml"))
+    return session(path)
 
 
 RUNTIME_NAMES = {"onnx": "ORT", "openvino": "OpenVINO", "ncnn": "ncnn"}
@@ -220,14 +312,17 @@ RUNTIME_NAMES = {"onnx": "ORT", "openvino": "OpenVINO", "ncnn": "ncnn"}
 def table(m: dict[str, Any]) -> str:
     fmt = m.get("format", "onnx")
     rt = RUNTIME_NAMES[fmt]
+    int8 = bool(m.get("int8"))
+    tag = "int8" if int8 else "fp32"
+    kind = "integer (QDQ) " if int8 else ""
     if fmt == "onnx":
         head = (
-            f"{m['model']} ({m['quant']}) -> ONNX opset {m['opset']} ({m['exporter']} exporter), "
-            f"{m['onnx_bytes']} bytes"
+            f"{m['model']} ({m['quant']}) -> {kind}ONNX opset {m['opset']} ({m['exporter']} "
+            f"exporter), {m['onnx_bytes']} bytes"
         )
     elif fmt == "openvino":
         head = (
-            f"{m['model']} ({m['quant']}) -> OpenVINO IR (from ONNX opset {m['opset']}, "
+            f"{m['model']} ({m['quant']}) -> {kind}OpenVINO IR (from ONNX opset {m['opset']}, "
             f"{m['exporter']} exporter), {m['openvino_bytes']} bytes: {m['model_file']}"
         )
     else:
@@ -235,19 +330,37 @@ def table(m: dict[str, Any]) -> str:
             f"{m['model']} ({m['quant']}) -> ncnn (pnnx), {m['ncnn_bytes']} bytes: "
             f"{m['model_file']}"
         )
-    lines = [
-        head,
-        f"max |logit diff| {rt} vs PyTorch {m['max_abs_diff']:.2e} over {m['images']} test "
-        f"images, top-1 agreement {m['top1_agreement']:.2f}%",
-        f"test accuracy: PyTorch {m['test_acc_torch']:.2f}%, {rt} {m['test_acc_fp32']:.2f}%",
-    ]
-    if "latency_ms_bs1_fp32" in m:
+    lines = [head]
+    if int8:
         lines.append(
-            f"{'':22s}{'PyTorch ms':>12s}{rt + ' ms':>{max(10, len(rt) + 5)}s}{'speed-up':>10s}"
+            f"integer layers: {m['qdq_integer_layers']}, float layers: "
+            + (", ".join(f"{k} ({v})" for k, v in m["qdq_float_layers"].items()) or "none")
         )
-    for b in BATCHES if "latency_ms_bs1_fp32" in m else ():
-        t, o = m[f"latency_ms_bs{b}_torch"], m[f"latency_ms_bs{b}_fp32"]
-        w = max(10, len(rt) + 5)
-        lines.append(f"{f'latency bs={b}':22s}{t:>12.2f}{o:>{w}.2f}{t / o:>9.2f}x")
+        if "kernels" in m:
+            counts = ", ".join(f"{k} {v}" for k, v in m["kernels"].items() if "Conv" in k)
+            lines.append(f"ORT kernels after its graph optimizations: {counts}")
+    elif m.get("int8_skipped"):
+        lines.append(f"float graph of the fake-quant model: {m['int8_skipped']}")
+    ref = "PyTorch (fake-quant)" if m["quant"] != "fp32" else "PyTorch"
+    lines += [
+        f"max |logit diff| {rt} vs {ref} {m['max_abs_diff']:.2e} over {m['images']} test "
+        f"images, top-1 agreement {m['top1_agreement']:.2f}%",
+        f"test accuracy: PyTorch {m['test_acc_torch']:.2f}%, {rt} {m[f'test_acc_{tag}']:.2f}%",
+    ]
+    if "latency_ms_bs1_torch" in m:
+        w = max(10, len(rt) + 10)
+        cols = [f"{rt} fp32 ms"] + ([f"{rt} int8 ms", "int8/fp32"] if int8 else ["speed-up"])
+        lines.append(f"{'':22s}{'PyTorch ms':>12s}" + "".join(f"{c:>{w}s}" for c in cols))
+        for b in BATCHES:
+            cells = [f"{m[f'latency_ms_bs{b}_fp32']:.2f}"]
+            t = m[f"latency_ms_bs{b}_torch"]
+            if int8:
+                i8 = m[f"latency_ms_bs{b}_int8"]
+                cells += [f"{i8:.2f}", f"{m[f'latency_ms_bs{b}_fp32'] / i8:.2f}x"]
+            else:
+                cells.append(f"{t / m[f'latency_ms_bs{b}_fp32']:.2f}x")
+            lines.append(
+                f"{f'latency bs={b}':22s}{t:>12.2f}" + "".join(f"{c:>{w}s}" for c in cells)
+            )
     lines.append(f"CPU: {m['cpu']} (int8 ISA: {m['isa']})")
     return "\n".join(lines)

@@ -1,0 +1,439 @@
+"""A fake-quantized (QAT) model as a real integer model: every quantizer becomes explicit
+QuantizeLinear / DequantizeLinear pairs that ONNX Runtime fuses into QLinearConv / QLinearMatMul
+integer kernels (the QDQ format, the same one `calibrate.py` writes by post-training
+quantization).
+
+`to_qdq(model)` returns a copy of `model` in which
+- every activation quantizer is a `QDQAct`: Q to integer codes, a clamp of the codes where the
+  quantizer has fewer levels than its 8-bit type, DQ back (k-bit DoReFa / PACT: uint8 codes
+  0..2^k - 1 at scale 1 / n or alpha / n; int8 QAT: its uint8 scale and zero point; ternary:
+  uint8 {0, 1, 2} (thresholds at +-t); binary: uint8 {0, 2} read as -1 / +1);
+- BNs are folded into the layer before them (compress.fuse, exact);
+- every conv / linear whose weight is quantized and whose input is such an integer tensor is a
+  `QDQConv2d` / `QDQLinear`: an int8 weight initializer with one scale per output channel (BN's
+  scale folded in) and an int32 bias at scale input_scale * weight_scale, which is what ORT's
+  integer kernels need to fuse;
+- a max pool or a channel shuffle between a quantizer and its conv moves integer codes (a Q / DQ
+  pair with the same parameters after it), so the conv after it still reads DQ.
+
+Weights map to int8 exactly when their levels are integers times a per-channel scale: DoReFa
+with k <= 7 bits (levels (2i - n) / n, n = 2^k - 1, codes -n..n, scale 1 / n), ternary and
+binary (codes -1, 0, +1, scale alpha_c) and int8 QAT. DoReFa 8-bit weights need 9 bits and are
+refused (`QDQError`). The PyTorch QDQ model computes what the fake-quant model computes up to
+fp32 rounding and the int32 rounding of the biases; `check_exact` measures it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from compress.errors import CompressError
+from compress.fuse import fuse_bn_
+from compress.models.blocks import Activation, ChannelShuffle
+from compress.models.resnet import Shortcut
+from compress.quant.base import Quantizer
+from compress.quant.int8 import Int8Act, int8_weight_codes
+from compress.quant.modules import QConv2d, QLinear
+from compress.quant.quantizers import BinaryAct, DoReFaAct, PACTAct, TernaryAct
+
+log = logging.getLogger(__name__)
+QD = torch.ops.quantized_decomposed
+INT32 = (-(2**31), 2**31 - 1)
+_DTYPE_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+_SIGN_SCALE = 2.0**-100  # Q scale of a sign: any nonzero value saturates (see `sign_qdq`)
+
+
+class QDQError(CompressError):
+    """The model's quantizers cannot be written as 8-bit integer codes exactly."""
+
+
+# ---------------------------------------------------------------- modules
+class QDQAct(nn.Module):
+    """x -> Q(x; scale, zero_point, dtype) -> clamp codes to [lo, hi] -> DQ(out_scale, out_zp).
+
+    The clamp is only emitted when [lo, hi] is narrower than the dtype's range (k < 8 bits)."""
+
+    def __init__(
+        self,
+        scale: float,
+        zero_point: int,
+        lo: int,
+        hi: int,
+        out_scale: float | None = None,
+        out_zp: int | None = None,
+        dtype: torch.dtype = torch.uint8,
+    ) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.dtype = float(scale), int(zero_point), dtype
+        self.lo, self.hi = int(lo), int(hi)
+        self.out_scale = float(scale if out_scale is None else out_scale)
+        self.out_zp = int(zero_point if out_zp is None else out_zp)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = _DTYPE_RANGE[self.dtype]
+        q = QD.quantize_per_tensor(x, self.scale, self.zero_point, qmin, qmax, self.dtype)
+        if (self.lo, self.hi) != (qmin, qmax):
+            q = q.clamp(self.lo, self.hi)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = _DTYPE_RANGE[self.dtype]
+        return QD.dequantize_per_tensor(
+            self.codes(x), self.out_scale, self.out_zp, qmin, qmax, self.dtype
+        )
+
+    @property
+    def levels(self) -> int:
+        return self.hi - self.lo + 1
+
+    def extra_repr(self) -> str:
+        return (
+            f"scale={self.scale:.4g}, zero_point={self.zero_point}, codes=[{self.lo}, {self.hi}], "
+            f"out_scale={self.out_scale:.4g}, out_zp={self.out_zp}"
+        )
+
+
+class Regrid(nn.Module):
+    """A layer that keeps values on their integer grid (max pool, channel shuffle) followed by a
+    Q / DQ pair with the same parameters: the runtime moves the codes through it and the conv
+    after it reads a DQ (exact: the values are on the grid already)."""
+
+    def __init__(self, layer: nn.Module, grid: QDQAct) -> None:
+        super().__init__()
+        self.layer = layer
+        qmin, qmax = _DTYPE_RANGE[grid.dtype]
+        self.grid = QDQAct(grid.out_scale, grid.out_zp, qmin, qmax, dtype=grid.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grid(self.layer(x))
+
+
+class _QDQLayer(nn.Module):
+    codes: torch.Tensor
+    scale: torch.Tensor
+    bias_codes: torch.Tensor | None
+
+    def _init_codes(
+        self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_scale: float
+    ) -> None:
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("zero", torch.zeros(len(scale), dtype=torch.int64))
+        self.in_scale = float(in_scale)
+        self.float_bias = None if bias is None else bias.detach().double().clone()
+        self.register_buffer("bias_codes", None)
+        self.set_bias_rounding(torch.round)
+
+    def set_bias_rounding(self, rounding: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """int32 bias codes at scale in_scale * weight_scale. Before a sign, `torch.floor`
+        makes the sign exact: the output is step * (integer + b / step), and
+        integer + b / step >= 0 exactly when integer + floor(b / step) >= 0."""
+        if self.float_bias is None:
+            return
+        b = rounding(self.float_bias / (self.in_scale * self.scale.double()))
+        self.bias_codes = b.clamp(*INT32).to(torch.int32)
+
+    def weight(self) -> torch.Tensor:
+        return QD.dequantize_per_channel(
+            self.codes, self.scale, self.zero, 0, -127, 127, torch.int8
+        )
+
+    def bias(self) -> torch.Tensor | None:
+        if self.bias_codes is None:
+            return None
+        return QD.dequantize_per_channel(
+            self.bias_codes, self.scale * self.in_scale, self.zero, 0, *INT32, torch.int32
+        )
+
+
+class QDQConv2d(_QDQLayer):
+    """A conv on int8 weight codes with per-output-channel scales and an int32 bias."""
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        in_scale: float,
+    ) -> None:
+        super().__init__()
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        if conv.padding_mode != "zeros":
+            raise QDQError(f"padding_mode={conv.padding_mode!r}: only zero padding is exact")
+        self._init_codes(codes, scale, conv.bias, in_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            x, self.weight(), self.bias(), self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+class QDQLinear(_QDQLayer):
+    def __init__(
+        self, linear: nn.Linear, codes: torch.Tensor, scale: torch.Tensor, in_scale: float
+    ) -> None:
+        super().__init__()
+        self._init_codes(codes, scale, linear.bias, in_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias())
+
+
+# ---------------------------------------------------------------- weights
+def weight_codes(layer: QConv2d | QLinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 codes, per-channel scale) with codes * scale == the layer's quantized weight, or
+    None for a float weight. Raises QDQError for levels that int8 cannot hold."""
+    wq = layer.weight_quant
+    kind = wq.kind
+    if kind == "fp32":
+        return None
+    with torch.no_grad():
+        if kind == "int8":
+            return int8_weight_codes(layer.weight)
+        q = layer.quantized_weight().detach().float()
+        flat = q.reshape(q.shape[0], -1)
+        if kind == "dorefa":
+            n = 2**wq.bits - 1
+            if n > 127:
+                raise QDQError(
+                    f"DoReFa {wq.bits}-bit weights have levels (2i - {n}) / {n}, which need "
+                    f"{wq.bits + 1} bits: int8 cannot hold them (use 7 bits or fewer, or "
+                    "quant=int8_qat)"
+                )
+            codes = torch.round(q * n)
+            scale = torch.full((q.shape[0],), 1.0 / n)
+        elif kind in ("ternary", "binary"):
+            amax = flat.abs().amax(1)
+            scale = torch.where(amax > 0, amax, torch.ones_like(amax))
+            codes = torch.round(q / scale.view(-1, *([1] * (q.dim() - 1))))
+        else:
+            raise QDQError(f"weight quantizer kind={kind!r} has no int8 form")
+    return codes.to(torch.int8), scale
+
+
+def widen(codes: torch.Tensor, scale: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same weight with its codes multiplied by the largest integer that keeps them within
+    +-span (exact): the int32 bias, at step in_scale * scale, gets that much finer."""
+    m = max(1, span // max(1, int(codes.abs().max())))
+    return (codes.to(torch.int16) * m).to(torch.int8), scale / m
+
+
+def code_span(act_hi: int) -> int:
+    """How wide weight codes may be behind uint8 activation codes up to `act_hi`: AVX2 has no
+    VNNI, and its VPMADDUBSW adds two uint8 x int8 products in a saturating int16, so
+    2 * act_hi * span must stay below 2^15 (k-bit activations with k <= 7 allow all of int8)."""
+    return max(1, min(127, (2**15 - 1) // (2 * max(1, act_hi))))
+
+
+def _rescale(codes: torch.Tensor, w: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel scale that maps `codes` onto the (BN-folded) float weight `w`: least
+    squares per channel, a negative scale turned into negated codes. Raises when `w` is not
+    codes * scale (a fold that broke the grid)."""
+    c = codes.reshape(len(codes), -1).double()
+    v = w.detach().reshape(len(w), -1).double()
+    norm = (c * c).sum(1)
+    scale = torch.where(norm > 0, (c * v).sum(1) / norm.clamp_min(1), torch.ones_like(norm))
+    flip = scale < 0
+    c = torch.where(flip.view(-1, 1), -c, c)
+    scale = scale.abs().clamp_min(1e-30)
+    err = (c * scale.view(-1, 1) - v).abs().amax(1)
+    tol = 1e-5 * v.abs().amax(1).clamp_min(1e-30)
+    if (err > tol).any():
+        raise QDQError(f"{name}: the folded weight is not int8 codes times a channel scale")
+    return c.to(torch.int8).view_as(codes), scale.float()
+
+
+# ---------------------------------------------------------------- activations
+def act_qdq(q: nn.Module, producer_scale: float | None = None) -> QDQAct | None:
+    """The QDQAct computing activation quantizer `q` (None for a float activation)."""
+    if isinstance(q, Int8Act):
+        scale, zp = q.qparams()
+        if getattr(q, "float_type", None) is nn.ReLU6:
+            hi = min(255, int(zp) + math.floor(6.0 / float(scale) + 0.5))
+            return QDQAct(float(scale), int(zp), int(zp), hi)
+        return QDQAct(float(scale), int(zp), int(zp), 255)
+    if isinstance(q, DoReFaAct | PACTAct):
+        n = 2**q.bits - 1
+        if n > 255:
+            raise QDQError(f"{q.bits}-bit activations do not fit 8 bits")
+        alpha = 1.0 if isinstance(q, DoReFaAct) else max(float(q.alpha.detach()), 1e-4)
+        return QDQAct(alpha / n, 0, 0, n)
+    if isinstance(q, TernaryAct):
+        # round(x / 2t) is nonzero exactly where |x| > t (ties at |x| = t round to even: 0)
+        return QDQAct(2 * q.threshold, 1, 0, 2, out_scale=1.0, out_zp=1)
+    if isinstance(q, BinaryAct):
+        return sign_qdq(producer_scale)
+    if isinstance(q, Quantizer) and q.kind == "fp32" or isinstance(q, nn.ReLU):
+        return None
+    raise QDQError(f"activation quantizer {type(q).__name__} has no 8-bit integer form")
+
+
+def sign_qdq(producer_scale: float | None = None) -> QDQAct:
+    """sign(x) (sign(0) = +1) as uint8 codes {0, 2} read back with zero point 1: Q with a scale
+    so small that any nonzero value saturates, zero point 2 (x = 0 -> 2), codes clamped to
+    [0, 2]. A conv output is a multiple of its input scale times its weight scales, so a scale
+    below a quarter of that step is exact there (and keeps ORT's requantization multiplier
+    finite); a float input uses 2^-100."""
+    scale = _SIGN_SCALE if producer_scale is None else producer_scale / 4
+    return QDQAct(scale, 2, 0, 2, out_scale=1.0, out_zp=1)
+
+
+# ---------------------------------------------------------------- conversion
+_LEAVES = (
+    nn.Conv2d,
+    nn.Linear,
+    nn.BatchNorm2d,
+    nn.BatchNorm1d,
+    Activation,
+    Quantizer,
+    ChannelShuffle,
+    Shortcut,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+_KEEPS_GRID = (nn.MaxPool2d, nn.AdaptiveMaxPool2d, ChannelShuffle, nn.Identity, nn.Dropout)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class QDQReport:
+    """What `to_qdq` made integer, and what it left float and why."""
+
+    acts: list[str] = field(default_factory=list)
+    integer_layers: list[str] = field(default_factory=list)
+    float_layers: dict[str, str] = field(default_factory=dict)
+    bn_kept: dict[str, str] = field(default_factory=dict)
+
+    def as_metrics(self) -> dict[str, object]:
+        return {
+            "qdq_acts": len(self.acts),
+            "qdq_integer_layers": len(self.integer_layers),
+            "qdq_float_layers": dict(self.float_layers),
+        }
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _quantizer_of(m: nn.Module) -> nn.Module | None:
+    fn = m.fn if isinstance(m, Activation) else m
+    return fn if isinstance(fn, Quantizer) else None
+
+
+def _skip_identity(node: object, mods: dict[str, nn.Module]) -> object:
+    while (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and isinstance(mods[node.target], nn.Identity)
+        and len(node.users) == 1
+    ):
+        node = node.args[0]
+    return node
+
+
+@torch.no_grad()
+def to_qdq(model: nn.Module) -> tuple[nn.Module, QDQReport]:
+    """A QDQ copy of the fake-quantized `model` (eval mode, on the CPU) and what was done."""
+    m = copy.deepcopy(model).cpu().eval()
+    codes = {
+        name: c
+        for name, layer in m.named_modules()
+        if isinstance(layer, QConv2d | QLinear) and (c := weight_codes(layer)) is not None
+    }
+    report = QDQReport()
+    report.bn_kept = dict(fuse_bn_(m).skipped)
+    graph = _Tracer().trace(m)
+    mods = dict(m.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    grid: dict[fx.Node, QDQAct] = {}  # nodes whose output is DQ(integer codes)
+    layers: dict[fx.Node, _QDQLayer] = {}  # nodes computed by an integer layer
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] > 1:
+            continue
+        name, mod = node.target, mods[node.target]
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        q = _quantizer_of(mod)
+        if q is not None:
+            origin = _skip_identity(src, mods)
+            pool = None  # conv -> max pool -> quantizer: quantize first (monotone, so equal)
+            if (
+                isinstance(origin, fx.Node)
+                and origin.op == "call_module"
+                and isinstance(mods[origin.target], nn.MaxPool2d)
+                and len(origin.users) == 1
+                and calls[origin.target] == 1
+            ):
+                pool, origin = origin, _skip_identity(origin.args[0], mods)
+            layer = layers.get(origin) if len(getattr(origin, "users", ())) == 1 else None
+            step = None if layer is None else layer.in_scale * float(layer.scale.min())
+            qdq = act_qdq(q, step)
+            if qdq is None:
+                continue
+            if isinstance(q, BinaryAct) and layer is not None:
+                layer.set_bias_rounding(torch.floor)
+            if pool is not None and layer is not None:
+                _set(m, pool.target, Regrid(nn.Sequential(qdq, mods[pool.target]), qdq))
+                qdq_here: nn.Module = nn.Identity()
+            else:
+                qdq_here = qdq
+            if isinstance(mod, Activation):
+                mod.fn = qdq_here
+            else:
+                _set(m, name, qdq_here)
+            grid[node] = qdq
+            report.acts.append(name)
+        elif isinstance(mod, _KEEPS_GRID) and src in grid:
+            _set(m, name, Regrid(mod, grid[src]))
+            grid[node] = grid[src]
+        elif isinstance(mod, nn.Conv2d | nn.Linear):
+            if name not in codes:
+                report.float_layers[name] = "float weights"
+                continue
+            if src not in grid:
+                report.float_layers[name] = "its input is not quantized"
+                continue
+            w = mod.quantized_weight() if isinstance(mod, QConv2d | QLinear) else mod.weight
+            wide, _ = widen(*codes[name], code_span(grid[src].hi))
+            c, s = _rescale(wide, w, name)
+            layer_cls = QDQConv2d if isinstance(mod, nn.Conv2d) else QDQLinear
+            new = layer_cls(mod, c, s, grid[src].out_scale)  # type: ignore[arg-type]
+            _set(m, name, new)
+            layers[node] = new
+            report.integer_layers.append(name)
+    for name in codes:
+        if name not in report.integer_layers and name not in report.float_layers:
+            report.float_layers[name] = "shared by several calls"
+    return m, report
+
+
+def check_exact(model: nn.Module, qdq: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """How far the QDQ model is from the fake-quant model on `x`: max |logit diff| and top-1
+    agreement (%)."""
+    with torch.no_grad():
+        a, b = model.eval()(x), qdq.eval()(x)
+    return {
+        "max_abs_diff": (a - b).abs().max().item(),
+        "top1_agreement": 100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item(),
+    }

@@ -1,0 +1,254 @@
+"""QAT models as integer models (compress.deploy.qdq): weight codes, activation Q / DQ pairs,
+the converted model against the fake-quant one, and the ONNX Runtime integer kernels it fuses to,
+end to end through export.py on a model trained with QAT on the synthetic set."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from compress.deploy.onnx_export import export_onnx, ort_kernels, ort_run, session  # noqa: E402
+from compress.deploy.qdq import (  # noqa: E402
+    QDQAct,
+    QDQError,
+    act_qdq,
+    check_exact,
+    code_span,
+    sign_qdq,
+    to_qdq,
+    weight_codes,
+    widen,
+)
+from compress.models import create_model  # noqa: E402
+from compress.quant import QConv2d, quantize_  # noqa: E402
+from compress.quant.int8 import Int8Act  # noqa: E402
+from compress.quant.quantizers import (  # noqa: E402
+    BinaryAct,
+    DoReFaAct,
+    PACTAct,
+    TernaryAct,
+    weight_quantizer,
+)
+from tests.test_engine import tiny_cfg  # noqa: E402
+
+
+def _qconv(kind: str, bits: int = 4) -> QConv2d:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3)
+    return QConv2d.from_float(conv, weight_quantizer({"kind": kind, "bits": bits}))
+
+
+# ---------------------------------------------------------------- weights
+@pytest.mark.parametrize(
+    ("kind", "bits"),
+    [("dorefa", b) for b in range(2, 8)] + [("ternary", 2), ("binary", 1), ("int8", 8)],
+)
+def test_weight_codes_times_scale_is_the_quantized_weight(kind, bits):
+    layer = _qconv(kind, bits)
+    codes, scale = weight_codes(layer)
+    assert codes.dtype == torch.int8 and scale.shape == (6,) and (scale > 0).all()
+    if kind in ("ternary", "binary"):
+        assert set(codes.unique().tolist()) <= {-1, 0, 1}
+    elif kind == "dorefa":  # odd codes -n..n
+        assert codes.abs().max() <= 2**bits - 1 and (codes % 2 == 1).all()
+    rebuilt = codes.float() * scale.view(-1, 1, 1, 1)
+    torch.testing.assert_close(rebuilt, layer.quantized_weight().detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_widened_codes_are_the_same_weight_and_avx2_safe():
+    codes, scale = weight_codes(_qconv("ternary"))
+    for act_hi, span in ((2, 127), (15, 127), (255, 64)):
+        assert code_span(act_hi) == span and 2 * act_hi * span < 2**15
+        wide, s = widen(codes, scale, span)
+        assert wide.abs().max() == span
+        torch.testing.assert_close(
+            wide.float() * s.view(-1, 1, 1, 1), codes * scale.view(-1, 1, 1, 1)
+        )
+
+
+def test_dorefa_8bit_weights_are_refused_in_one_line():
+    with pytest.raises(QDQError, match=r"DoReFa 8-bit weights have levels \(2i - 255\) / 255"):
+        weight_codes(_qconv("dorefa", 8))
+
+
+def test_float_weights_have_no_codes():
+    assert weight_codes(_qconv("fp32")) is None
+
+
+# ---------------------------------------------------------------- activations
+def _x() -> torch.Tensor:
+    torch.manual_seed(1)
+    x = torch.randn(4, 8, 16, 16) * 2
+    x[0, 0, 0, :4] = torch.tensor([0.0, -0.0, 0.5, -0.5])  # zeros and ternary ties
+    return x
+
+
+@pytest.mark.parametrize(
+    "quantizer",
+    [DoReFaAct(2), DoReFaAct(4), DoReFaAct(8), PACTAct(3, 2.5), PACTAct(8, 4.0)],
+    ids=["dorefa2", "dorefa4", "dorefa8", "pact3", "pact8"],
+)
+def test_k_bit_activations_as_codes(quantizer):
+    x = _x()
+    qdq = act_qdq(quantizer.eval())
+    want, got = quantizer(x), qdq(x)
+    n = 2**quantizer.bits - 1
+    assert qdq.levels == n + 1
+    # equal up to a rounding tie moved by one ulp (x * n against x / (1 / n))
+    step = qdq.out_scale
+    assert (got - want).abs().max() <= step * 1.001
+    assert ((got - want).abs() > step / 2).float().mean() < 1e-3  # a moved level: rare
+    assert got.unique().numel() <= n + 1
+
+
+def test_int8_act_as_codes():
+    torch.manual_seed(0)
+    q = Int8Act().train()
+    q(torch.randn(64, 8) * 3)  # observe a range
+    q.eval()
+    x = torch.randn(4, 8, 16, 16) * 3
+    qdq = act_qdq(q)
+    assert (qdq.lo, qdq.hi) == (qdq.zero_point, 255)
+    assert (qdq(x) - q(x)).abs().max() <= qdq.scale * 1.001
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+def test_ternary_act_is_exact(threshold):
+    x = _x()
+    q = TernaryAct(threshold).eval()
+    assert torch.equal(act_qdq(q)(x), q(x))
+
+
+def test_binary_act_is_exact_including_zeros():
+    x = _x()
+    q = BinaryAct().eval()
+    got = sign_qdq()(x)
+    assert torch.equal(got, q(x)) and set(got.unique().tolist()) == {-1.0, 1.0}
+    assert got[0, 0, 0, 0] == got[0, 0, 0, 1] == 1.0  # sign(0) = sign(-0) = +1
+
+
+def test_codes_are_clamped_below_eight_bits():
+    q = QDQAct(0.1, 0, 0, 15)
+    codes = q.codes(torch.tensor([-1.0, 0.74, 100.0]))
+    assert codes.dtype == torch.uint8 and codes.tolist() == [0, 7, 15]
+
+
+# ---------------------------------------------------------------- whole models
+def _model(arch: str, quant: dict, order: str = "cbap") -> nn.Module:
+    torch.manual_seed(0)
+    kw = {"order": order} if arch.startswith("nin") else {}
+    channels = {"nin": [16] * 8, "nin_gc": [32] * 8, "resnet20": [8] * 9}[arch]
+    model = create_model(arch, channels=channels, **kw)
+    quantize_(model, quant)
+    model.train()
+    with torch.no_grad():  # BN statistics and int8 observers of real-looking activations
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32))
+    return model.eval()
+
+
+W4A4P = {"weight": {"kind": "dorefa", "bits": 4}, "act": {"kind": "pact", "bits": 4}}
+W2A2 = {"weight": {"kind": "dorefa", "bits": 2}, "act": {"kind": "dorefa", "bits": 2}}
+WTAT = {"weight": {"kind": "ternary"}, "act": {"kind": "ternary"}}
+WBAB = {"weight": {"kind": "binary"}, "act": {"kind": "binary"}}
+INT8 = {"weight": {"kind": "int8"}, "act": {"kind": "int8"}}
+
+
+@pytest.mark.parametrize(
+    ("arch", "quant", "order", "tol"),
+    [
+        ("nin", WBAB, "bacp", 1e-3),  # binary: exact up to fp32 sums (floor-rounded biases)
+        ("nin", WBAB, "cbap", 1e-3),
+        ("nin", WTAT, "cbap", 1e-3),
+        ("nin_gc", W4A4P, "cbap", None),
+        ("nin", W2A2, "cbap", None),
+        ("nin", INT8, "cbap", None),
+        ("resnet20", W4A4P, "cbap", None),
+    ],
+)
+def test_qdq_model_computes_the_fake_quant_model(arch, quant, order, tol):
+    model = _model(arch, quant, order)
+    qdq, report = to_qdq(model)
+    assert report.integer_layers and not report.bn_kept
+    # the first and last layers keep float weights (keep_first_last)
+    assert set(report.float_layers.values()) <= {"float weights", "its input is not quantized"}
+    torch.manual_seed(2)
+    got = check_exact(model, qdq, torch.randn(64, 3, 32, 32))
+    # k-bit: the int32 bias (step in_scale * weight_scale) moves a level now and then, and an
+    # untrained net amplifies it; the trained model below agrees on >= 99%
+    assert got["top1_agreement"] >= 95.0
+    if tol is not None:
+        assert got["max_abs_diff"] < tol
+    # the original model is untouched
+    assert any(isinstance(m, QConv2d) for m in model.modules())
+
+
+def test_qdq_runs_as_integer_convs_in_onnx_runtime(tmp_path):
+    model = _model("nin_gc", W4A4P)
+    qdq, report = to_qdq(model)
+    path = export_onnx(qdq, tmp_path / "int8.onnx", (3, 32, 32))
+    kernels = ort_kernels(path)
+    assert kernels.get("QLinearConv", 0) == len(report.integer_layers) == 7
+    x = torch.randn(16, 3, 32, 32)
+    got = torch.from_numpy(ort_run(session(path), x))
+    with torch.no_grad():
+        want = qdq(x)
+    assert (got - want).abs().max() < 1e-3 * want.abs().max()
+
+
+def test_export_entry_writes_integer_model_of_a_qat_run(entry, tmp_path):
+    """train.py quant=w4a4p on the synthetic set, then export.py: an integer model that agrees
+    with the fake-quant model on >= 99% of the test images, faster than nothing is asserted."""
+    from compress.tasks import train as train_task
+
+    cfg = tiny_cfg(epochs=2, lr=0.05, batch_size=16)
+    cfg["model"] = {"name": "nin", "channels": [16] * 8}
+    cfg["quant"] = {"name": "w4a4p", **W4A4P}
+    cfg["dataset"].update(num_train=256, num_test=200, crop_padding=0, flip=False)
+    train_dir = tmp_path / "train"
+    trained = train_task.run(cfg, train_dir)
+    assert trained["test_acc"] > 20
+    out_dir = tmp_path / "export"
+    code, out, err = entry("export.py", f"ckpt={train_dir / 'best.pt'}", run_dir=out_dir)
+    assert code == 0, err
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert m["int8"] is True and m["quant"] == "w4a4p"
+    assert m["top1_agreement"] >= 99.0 and abs(m["test_acc_int8"] - m["test_acc_torch"]) <= 1.0
+    assert m["kernels"]["QLinearConv"] == m["qdq_integer_layers"] == 7
+    assert (out_dir / "model_int8.onnx").stat().st_size == m["int8_bytes"]
+    for b in (1, 64):
+        assert m[f"latency_ms_bs{b}_int8"] > 0 and m[f"speedup_bs{b}_int8_vs_fp32"] > 0
+    assert "integer (QDQ) ONNX" in out and "QLinearConv 7" in out
+    # int8=false: the fake-quant float graph, as before
+    code, out, err = entry(
+        "export.py",
+        f"ckpt={train_dir / 'best.pt'}",
+        "int8=false",
+        "latency=false",
+        run_dir=tmp_path / "float",
+    )
+    assert code == 0, err
+    m = json.loads((tmp_path / "float" / "metrics.json").read_text())
+    assert m["int8"] is False and m["top1_agreement"] >= 99.0
+
+
+def test_int8_true_refuses_a_model_without_integer_form(entry, tmp_path):
+    from compress.tasks import train as train_task
+
+    cfg = tiny_cfg(epochs=1, batch_size=16)
+    cfg["model"] = {"name": "nin", "channels": [8] * 8}
+    cfg["quant"] = {"name": "w8a8", **{k: {**v, "bits": 8} for k, v in W2A2.items()}}
+    cfg["dataset"].update(num_train=32, num_test=16)
+    train_task.run(cfg, tmp_path / "train")
+    ckpt = tmp_path / "train" / "best.pt"
+    code, _, err = entry("export.py", f"ckpt={ckpt}", "int8=true", run_dir=tmp_path / "e")
+    assert code != 0 and "int8=true: DoReFa 8-bit weights" in err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = entry("export.py", f"ckpt={ckpt}", "int8=maybe", run_dir=tmp_path / "e2")
+    assert code != 0 and "int8='maybe' is invalid: expected auto, true or false" in err
