@@ -106,8 +106,8 @@ class CalibConfig:
 
 
 @dataclass
-class ExportRun:
-    """conf/export.yaml."""
+class DeployRun:
+    """What conf/export.yaml and conf/calibrate.yaml share."""
 
     dataset: Any = None  # null: the data set the checkpoint was trained on
     ckpt: str = MISSING
@@ -115,13 +115,22 @@ class ExportRun:
     opset: int = 18  # >= 17; 18 is the dynamo exporter's own
     dynamo: bool = True  # torch.onnx.export(dynamo=...); false: the TorchScript exporter
     latency: bool = True  # time ORT (and PyTorch eager) at batch 1 and 64
-    int8: Any = "auto"  # QAT checkpoints: auto | true (integer QDQ model) | false (float graph)
     seed: int = 0
     device: str = "cpu"  # ONNX Runtime's CPU provider
 
 
 @dataclass
-class CalibrateRun(ExportRun):
+class ExportRun(DeployRun):
+    """conf/export.yaml."""
+
+    int8: Any = "auto"  # QAT checkpoints: auto | true (integer QDQ model) | false (float graph)
+    # batches of 32 training images that set the 8-bit output ranges of the integer layers a QAT
+    # model leaves unquantized (ResNet's convs before the residual add); 0: those stay float
+    requant_batches: int = 4
+
+
+@dataclass
+class CalibrateRun(DeployRun):
     """conf/calibrate.yaml."""
 
     calib: CalibConfig = field(default_factory=CalibConfig)

@@ -1,5 +1,8 @@
-"""CPU inference latency: PyTorch eager fp32 against ONNX Runtime fp32 and ORT static INT8 (QDQ,
-per-channel int8 weights, uint8 activations), BN-fused models, one markdown table.
+"""CPU inference latency: PyTorch eager fp32 against ONNX Runtime fp32, ORT static INT8 (PTQ:
+QDQ, per-channel int8 weights, uint8 activations), the integer model of a QAT network (w4a4p:
+DoReFa 4-bit weights, PACT 4-bit activations, exported with its quantizers as Q / DQ), and the
+binary path (wbab in bacp order: the fake-quant model, its bit-packed XNOR-popcount convs in
+PyTorch, and its integer QDQ model in ORT); BN-fused models, markdown tables.
 
 python bench/deploy_speed.py [--models nin,nin_gc,resnet20] [--batch 1,64] [--method minmax]
 
@@ -13,7 +16,10 @@ latencies, so drift of a shared machine hits every column alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +33,17 @@ from compress.deploy import (
     quantize_int8,
     require,
     session,
+    xnor,
 )
+from compress.deploy.onnx_export import INTEGER_KERNELS, ort_kernels
+from compress.deploy.qdq import to_qdq
 from compress.fuse import fuse_bn_
 from compress.metrics import latency_ms
 from compress.models import create_model
+from compress.quant import quantize_
+
+W4A4P = {"weight": {"kind": "dorefa", "bits": 4}, "act": {"kind": "pact", "bits": 4}}
+WBAB = {"weight": {"kind": "binary"}, "act": {"kind": "binary"}}
 
 SHAPE = (3, 32, 32)
 
@@ -64,15 +77,14 @@ def main() -> None:
         f"{ort.__version__}; CPU: {isa['cpu']}; int8 ISA: {isa['isa']} "
         f"(flags: {' '.join(isa['cpu_flags']) or 'none'})\n"
     )
-    head = " | ".join(
-        f"bs={b} torch ms | bs={b} ORT fp32 ms | bs={b} ORT int8 ms | bs={b} int8 vs ORT fp32 "
-        f"| bs={b} int8 vs torch"
-        for b in batches
+    print(
+        "| model | batch | torch fp32 ms | ORT fp32 ms | ORT int8 PTQ ms | ORT int8 QAT w4a4p ms "
+        "| PTQ vs ORT fp32 | QAT vs ORT fp32 | PTQ vs torch | QAT vs torch |"
     )
-    print(f"| model | fp32 / int8 bytes | {head} |")
-    print("|---|---:|" + "---:|" * 5 * len(batches))
+    print("|---|---:|" + "---:|" * 8)
     rng = np.random.default_rng(0)
     calib = [rng.standard_normal((32, *SHAPE), dtype=np.float32) for _ in range(args.calib_batches)]
+    fused_integer: dict[str, tuple[int, int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             torch.manual_seed(0)
@@ -86,24 +98,87 @@ def main() -> None:
                 ArrayCalibrationReader(calib, "input"),
                 args.method,
             )
-            s32, s8 = session(fp32), session(int8)
-            cells = [f"{fp32.stat().st_size} / {int8.stat().st_size}"]
+            qat = qat_model(name, W4A4P, calib)
+            batches = [torch.from_numpy(c) for c in calib]  # ranges of ResNet's pre-add convs
+            qat_path = export_onnx(to_qdq(qat, batches)[0], Path(tmp) / f"{name}_qat.onnx", SHAPE)
+            sessions = [session(fp32), session(int8), session(qat_path)]
+            fused_integer[name] = integer_kernels(int8), integer_kernels(qat_path)
             for b in batches:
                 reps = args.reps if b == 1 else max(3, args.reps // 4)
-                t, f, i = [], [], []
-                for _ in range(3):
-                    t.append(latency_ms(model, SHAPE, b, reps))
-                    f.append(ort_latency_ms(s32, SHAPE, b, reps))
-                    i.append(ort_latency_ms(s8, SHAPE, b, reps))
-                t_, f_, i_ = min(t), min(f), min(i)
-                cells += [
-                    f"{t_:.2f}",
-                    f"{f_:.2f}",
-                    f"{i_:.2f}",
-                    f"{f_ / i_:.2f}x",
-                    f"{t_ / i_:.2f}x",
-                ]
-            print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+                timers = [partial(latency_ms, model, SHAPE, b, reps)]
+                timers += [partial(ort_latency_ms, sess, SHAPE, b, reps) for sess in sessions]
+                t, f, p, q = best_of(3, timers)
+                cells = [f"{v:.2f}" for v in (t, f, p, q)]
+                cells += [f"{f / p:.2f}x", f"{f / q:.2f}x", f"{t / p:.2f}x", f"{t / q:.2f}x"]
+                print(f"| {name} | {b} | " + " | ".join(cells) + " |", flush=True)
+        print(
+            "\nconvs ORT runs as integer kernels (PTQ, QAT): "
+            + ", ".join(f"{n} {a}, {b}" for n, (a, b) in fused_integer.items())
+        )
+        binary_table(args, batches, calib, Path(tmp))
+
+
+def best_of(rounds: int, timers: list[Callable[[], float]]) -> list[float]:
+    """Each timer's best over `rounds` interleaved rounds (drift hits every column alike)."""
+    runs = [[t() for t in timers] for _ in range(rounds)]
+    return [min(col) for col in zip(*runs, strict=True)]
+
+
+def integer_kernels(path: Path) -> int:
+    return sum(n for op, n in ort_kernels(path).items() if op in INTEGER_KERNELS)
+
+
+def qat_model(name: str, quant: dict, calib: list[np.ndarray], **kw) -> torch.nn.Module:
+    """A fake-quant model with BN statistics (and PACT ranges at their init) set on `calib`."""
+    torch.manual_seed(0)
+    model = create_model(name, **kw)
+    quantize_(model, quant)
+    set_bn_stats_(model, calib)
+    return model
+
+
+def binary_table(args, batches: list[int], calib: list[np.ndarray], tmp: Path) -> None:
+    """wbab models in bacp order: the fake-quant PyTorch model, the same model with its binary
+    convs on packed bits (XNOR + popcount), and its integer QDQ model in ORT."""
+    names = [n for n in args.models.split(",") if n.startswith("nin")]
+    if not names:
+        return
+    try:
+        xnor.extension()
+    except xnor.XnorBuildError as e:
+        print(f"\nbinary path skipped: the XNOR extension does not build here ({e})")
+        return
+    print(
+        f"\nBinary (wbab, bacp order), XNOR kernel ISA: {xnor.best_isa()}\n\n"
+        "| model | batch | torch fake-quant ms | torch + XNOR convs ms | ORT int8 QDQ ms "
+        "| XNOR vs fake-quant | XNOR vs ORT int8 | max abs diff XNOR |"
+    )
+    print("|---|---:|" + "---:|" * 6)
+    for name in names:
+        fake = qat_model(name, WBAB, calib, order="bacp")
+        fuse_bn_(fake)
+        packed = copy.deepcopy(fake).eval()
+        replaced = xnor.convert_binary_convs_(packed)
+        path = export_onnx(to_qdq(fake)[0], tmp / f"{name}_wbab.onnx", SHAPE)
+        sess = session(path)
+        x = torch.from_numpy(calib[0])
+        with torch.no_grad():
+            diff = (fake(x) - packed(x)).abs().max().item()
+        for b in batches:
+            reps = args.reps if b == 1 else max(3, args.reps // 4)
+            f, p, q = best_of(
+                3,
+                [
+                    partial(latency_ms, fake, SHAPE, b, reps),
+                    partial(latency_ms, packed, SHAPE, b, reps),
+                    partial(ort_latency_ms, sess, SHAPE, b, reps),
+                ],
+            )
+            print(
+                f"| {name} ({len(replaced)} XNOR convs) | {b} | {f:.2f} | {p:.2f} | {q:.2f} "
+                f"| {f / p:.2f}x | {q / p:.2f}x | {diff:.1e} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -176,8 +176,14 @@ def test_qdq_model_computes_the_fake_quant_model(arch, quant, order, tol):
     model = _model(arch, quant, order)
     qdq, report = to_qdq(model)
     assert report.integer_layers and not report.bn_kept
-    # the first and last layers keep float weights (keep_first_last)
-    assert set(report.float_layers.values()) <= {"float weights", "its input is not quantized"}
+    # the first and last layers keep float weights (keep_first_last); without calibration data
+    # a layer whose output no quantizer reads (bacp's last, ResNet's before the add) has a float
+    # output
+    assert set(report.float_layers.values()) <= {
+        "float weights",
+        "its input is not quantized",
+        "its output is not quantized (int8 weights)",
+    }
     torch.manual_seed(2)
     got = check_exact(model, qdq, torch.randn(64, 3, 32, 32))
     # k-bit: the int32 bias (step in_scale * weight_scale) moves a level now and then, and an
@@ -202,40 +208,66 @@ def test_qdq_runs_as_integer_convs_in_onnx_runtime(tmp_path):
     assert (got - want).abs().max() < 1e-3 * want.abs().max()
 
 
-def test_export_entry_writes_integer_model_of_a_qat_run(entry, tmp_path):
-    """train.py quant=w4a4p on the synthetic set, then export.py: an integer model that agrees
-    with the fake-quant model on >= 99% of the test images, faster than nothing is asserted."""
+def _train_qat(tmp_path, arch: str, quant: dict, name: str, channels: list[int]):
     from compress.tasks import train as train_task
 
     cfg = tiny_cfg(epochs=2, lr=0.05, batch_size=16)
-    cfg["model"] = {"name": "nin", "channels": [16] * 8}
-    cfg["quant"] = {"name": "w4a4p", **W4A4P}
+    cfg["model"] = {"name": arch, "channels": channels}
+    cfg["quant"] = {"name": name, **quant}
     cfg["dataset"].update(num_train=256, num_test=200, crop_padding=0, flip=False)
-    train_dir = tmp_path / "train"
-    trained = train_task.run(cfg, train_dir)
-    assert trained["test_acc"] > 20
+    metrics = train_task.run(cfg, tmp_path / "train")
+    assert metrics["test_acc"] > 20  # it learned something: 10 classes
+    return tmp_path / "train" / "best.pt"
+
+
+@pytest.mark.parametrize(
+    ("arch", "quant", "name", "channels", "integer", "requantized"),
+    [
+        ("nin", W4A4P, "w4a4p", [16] * 8, 7, 0),
+        ("resnet20", INT8, "int8_qat", [8] * 9, 18, 9),
+    ],
+)
+def test_export_writes_the_integer_model_of_a_qat_run(
+    entry, tmp_path, arch, quant, name, channels, integer, requantized
+):
+    """train.py with QAT on the synthetic set, then export.py: an integer model that agrees with
+    the fake-quant model on >= 99% of the test images."""
+    ckpt = _train_qat(tmp_path, arch, quant, name, channels)
     out_dir = tmp_path / "export"
-    code, out, err = entry("export.py", f"ckpt={train_dir / 'best.pt'}", run_dir=out_dir)
+    code, out, err = entry("export.py", f"ckpt={ckpt}", run_dir=out_dir)
     assert code == 0, err
     m = json.loads((out_dir / "metrics.json").read_text())
-    assert m["int8"] is True and m["quant"] == "w4a4p"
+    assert m["int8"] is True and m["quant"] == name
     assert m["top1_agreement"] >= 99.0 and abs(m["test_acc_int8"] - m["test_acc_torch"]) <= 1.0
-    assert m["kernels"]["QLinearConv"] == m["qdq_integer_layers"] == 7
+    assert m["kernels"]["QLinearConv"] == m["qdq_integer_layers"] == integer
+    assert m["qdq_requantized_layers"] == requantized
+    if requantized:  # the residual adds run as integer adds, on ranges from 4 x 32 images
+        assert m["kernels"]["QLinearAdd"] == 9 and m["qdq_calib_images"] == 128
     assert (out_dir / "model_int8.onnx").stat().st_size == m["int8_bytes"]
     for b in (1, 64):
         assert m[f"latency_ms_bs{b}_int8"] > 0 and m[f"speedup_bs{b}_int8_vs_fp32"] > 0
-    assert "integer (QDQ) ONNX" in out and "QLinearConv 7" in out
+    assert "integer (QDQ) ONNX" in out and f"QLinearConv {integer}" in out
     # int8=false: the fake-quant float graph, as before
     code, out, err = entry(
-        "export.py",
-        f"ckpt={train_dir / 'best.pt'}",
-        "int8=false",
-        "latency=false",
-        run_dir=tmp_path / "float",
+        "export.py", f"ckpt={ckpt}", "int8=false", "latency=false", run_dir=tmp_path / "float"
     )
     assert code == 0, err
     m = json.loads((tmp_path / "float" / "metrics.json").read_text())
+    # float ops emulating the quantizers: an ulp apart from PyTorch's can move a level
     assert m["int8"] is False and m["top1_agreement"] >= 99.0
+
+
+def test_binary_checkpoint_exports_both_ways(entry, tmp_path):
+    """wbab (bacp): the integer model, and the float graph (the sign through `where`)."""
+    ckpt = _train_qat(tmp_path, "nin", WBAB, "wbab", [16] * 8)
+    for int8, files in (("true", "model_int8.onnx"), ("false", "model.onnx")):
+        out_dir = tmp_path / int8
+        code, _, err = entry(
+            "export.py", f"ckpt={ckpt}", f"int8={int8}", "latency=false", run_dir=out_dir
+        )
+        assert code == 0, err
+        m = json.loads((out_dir / "metrics.json").read_text())
+        assert (out_dir / files).is_file() and m["top1_agreement"] == 100.0
 
 
 def test_int8_true_refuses_a_model_without_integer_form(entry, tmp_path):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +42,7 @@ from compress.fuse import fuse_bn_
 from compress.models.blocks import Activation, ChannelShuffle
 from compress.models.resnet import Shortcut
 from compress.quant.base import Quantizer
-from compress.quant.int8 import Int8Act, int8_weight_codes
+from compress.quant.int8 import Int8Act, act_qparams, int8_weight_codes
 from compress.quant.modules import QConv2d, QLinear
 from compress.quant.quantizers import BinaryAct, DoReFaAct, PACTAct, TernaryAct
 
@@ -304,7 +304,16 @@ _LEAVES = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
-_KEEPS_GRID = (nn.MaxPool2d, nn.AdaptiveMaxPool2d, ChannelShuffle, nn.Identity, nn.Dropout)
+# layers whose output is on the grid of their input: max pools, permutations, and a ResNet's
+# option-A shortcut (subsampling and zero channels: 0.0 is a code of every grid here)
+_KEEPS_GRID = (
+    nn.MaxPool2d,
+    nn.AdaptiveMaxPool2d,
+    ChannelShuffle,
+    Shortcut,
+    nn.Identity,
+    nn.Dropout,
+)
 
 
 class _Tracer(fx.Tracer):
@@ -317,14 +326,18 @@ class QDQReport:
     """What `to_qdq` made integer, and what it left float and why."""
 
     acts: list[str] = field(default_factory=list)
-    integer_layers: list[str] = field(default_factory=list)
+    integer_layers: list[str] = field(default_factory=list)  # integer in, integer out
+    requantized: list[str] = field(default_factory=list)  # out: an added, calibrated 8 bits
     float_layers: dict[str, str] = field(default_factory=dict)
     bn_kept: dict[str, str] = field(default_factory=dict)
+    calib_images: int = 0
 
     def as_metrics(self) -> dict[str, object]:
         return {
             "qdq_acts": len(self.acts),
             "qdq_integer_layers": len(self.integer_layers),
+            "qdq_requantized_layers": len(self.requantized),
+            "qdq_calib_images": self.calib_images,
             "qdq_float_layers": dict(self.float_layers),
         }
 
@@ -351,8 +364,16 @@ def _skip_identity(node: object, mods: dict[str, nn.Module]) -> object:
 
 
 @torch.no_grad()
-def to_qdq(model: nn.Module) -> tuple[nn.Module, QDQReport]:
-    """A QDQ copy of the fake-quantized `model` (eval mode, on the CPU) and what was done."""
+def to_qdq(
+    model: nn.Module, calib: Iterable[torch.Tensor] | None = None
+) -> tuple[nn.Module, QDQReport]:
+    """A QDQ copy of the fake-quantized `model` (eval mode, on the CPU) and what was done.
+
+    A layer with integer input whose output reaches no quantizer (a ResNet's second conv, summed
+    with the shortcut before the block's activation) can only run as an integer kernel with an
+    8-bit output: with `calib` (batches of normalized inputs), its output gets a uint8 Q / DQ
+    on the min / max range observed there; the only step that is not in the QAT model.
+    Without, it keeps int8 weights and a float output."""
     m = copy.deepcopy(model).cpu().eval()
     codes = {
         name: c
@@ -369,6 +390,7 @@ def to_qdq(model: nn.Module) -> tuple[nn.Module, QDQReport]:
             calls[node.target] = calls.get(node.target, 0) + 1
     grid: dict[fx.Node, QDQAct] = {}  # nodes whose output is DQ(integer codes)
     layers: dict[fx.Node, _QDQLayer] = {}  # nodes computed by an integer layer
+    quantized_out: set[fx.Node] = set()  # ... whose output a quantizer reads
     for node in graph.nodes:
         if node.op != "call_module" or calls[node.target] > 1:
             continue
@@ -391,6 +413,8 @@ def to_qdq(model: nn.Module) -> tuple[nn.Module, QDQReport]:
             qdq = act_qdq(q, step)
             if qdq is None:
                 continue
+            if layer is not None:
+                quantized_out.add(origin)  # type: ignore[arg-type]
             if isinstance(q, BinaryAct) and layer is not None:
                 layer.set_bias_rounding(torch.floor)
             if pool is not None and layer is not None:
@@ -421,11 +445,52 @@ def to_qdq(model: nn.Module) -> tuple[nn.Module, QDQReport]:
             new = layer_cls(mod, c, s, grid[src].out_scale)  # type: ignore[arg-type]
             _set(m, name, new)
             layers[node] = new
-            report.integer_layers.append(name)
+    open_out = [n.target for n in layers if n not in quantized_out]
+    report.integer_layers = [n.target for n in layers if n in quantized_out]
+    if open_out and calib is not None:
+        ranges, report.calib_images = observe_ranges(m, open_out, calib)
+        for name in open_out:
+            scale, zp = act_qparams(*ranges[name])
+            out = QDQAct(float(scale), int(zp), 0, 255)
+            _set(m, name, nn.Sequential(m.get_submodule(name), out))
+            report.requantized.append(name)
+        report.integer_layers += report.requantized
+    else:
+        for name in open_out:
+            report.float_layers[name] = "its output is not quantized (int8 weights)"
     for name in codes:
         if name not in report.integer_layers and name not in report.float_layers:
             report.float_layers[name] = "shared by several calls"
     return m, report
+
+
+def observe_ranges(
+    model: nn.Module, names: list[str], batches: Iterable[torch.Tensor]
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """The min / max of the outputs of layers `names` over `batches`, and the image count."""
+    lo = {n: torch.tensor(math.inf) for n in names}
+    hi = {n: torch.tensor(-math.inf) for n in names}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            a, b = torch.aminmax(out.detach().float())
+            lo[name], hi[name] = torch.minimum(lo[name], a), torch.maximum(hi[name], b)
+
+        return record
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    images = 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+                images += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not images:
+        raise QDQError("calibration of the requantized layers got no batches")
+    return {n: (lo[n], hi[n]) for n in names}, images
 
 
 def check_exact(model: nn.Module, qdq: nn.Module, x: torch.Tensor) -> dict[str, float]:

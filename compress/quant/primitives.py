@@ -40,7 +40,11 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     """sign with sign(0) = +1, so every value is +-1 (no gradient; see with_surrogate_grad).
 
     copysign is a vectorized elementwise kernel; `where` on a bool mask is ~10x slower on CPU.
-    Adding +0.0 turns -0.0 into +0.0, so both zeros map to +1."""
+    Adding +0.0 turns -0.0 into +0.0, so both zeros map to +1. The ONNX exporters have no
+    copysign (nor signbit): while exporting, the same values come from `where`."""
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        return torch.where(x >= 0, one, -one)
     return torch.copysign(torch.ones((), dtype=x.dtype, device=x.device), x + 0.0)
 
 

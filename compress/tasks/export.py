@@ -58,8 +58,9 @@ from compress.deploy.openvino_export import (
     ov_latency_ms,
     ov_logits,
 )
+from compress.deploy.ptq import calibration_loader
 from compress.deploy.qdq import QDQError, to_qdq
-from compress.errors import ConfigError, check_choice
+from compress.errors import ConfigError, check, check_choice
 from compress.fuse import fuse_bn_
 from compress.metrics import latency_ms
 from compress.quant.api import applied_label, is_quantized, to_float
@@ -211,8 +212,22 @@ def int8_choice(cfg: dict[str, Any]) -> str | bool:
     return value
 
 
+REQUANT_BATCH_SIZE = 32
+
+
+def requant_batches(cfg: dict[str, Any]) -> int:
+    n = cfg.get("requant_batches", 4)
+    check(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0,
+        "requant_batches",
+        n,
+        "an integer >= 0",
+    )
+    return n
+
+
 def integer_model(
-    model: torch.nn.Module, state: dict[str, Any], cfg: dict[str, Any]
+    model: torch.nn.Module, state: dict[str, Any], cfg: dict[str, Any], data: Any
 ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
     """The QDQ form of a QAT model when the export writes one (None otherwise), and metrics
     saying which and why."""
@@ -226,8 +241,13 @@ def integer_model(
                 "its calibration table); use format=onnx or format=openvino for the integer model"
             )
         return None, {"int8": False, "int8_skipped": "format=ncnn runs the float graph"}
+    n = requant_batches(cfg)
+    calib = None
+    if n:
+        loader = calibration_loader(data, n, REQUANT_BATCH_SIZE, int(cfg.get("seed", 0)))
+        calib = (x for x, _ in loader)
     try:
-        qdq, report = to_qdq(model)
+        qdq, report = to_qdq(model, calib)
     except QDQError as e:
         if choice is True:
             raise ConfigError(f"int8=true: {e}") from None
@@ -247,12 +267,13 @@ def fp32_twin(model: torch.nn.Module) -> torch.nn.Module:
 def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     check_common(cfg, BUILT)
     int8_choice(cfg)
+    requant_batches(cfg)
     fmt = cfg.get("format", "onnx")
     run_dir, state = load_source(cfg, run_dir, "export.py")
     model = model_from_checkpoint(state)
     data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
     loader = eval_loader(data, torch.device("cpu"))
-    qdq, int8 = integer_model(model, state, cfg)
+    qdq, int8 = integer_model(model, state, cfg, data)
     deployed = model if qdq is None else qdq
     cfg = {**cfg, "_int8": qdq is not None}
     if fmt == "onnx":
@@ -332,8 +353,15 @@ def table(m: dict[str, Any]) -> str:
         )
     lines = [head]
     if int8:
+        requant = m.get("qdq_requantized_layers", 0)
+        added = (
+            f" ({requant} with an 8-bit output on ranges from {m['qdq_calib_images']} "
+            "training images)"
+            if requant
+            else ""
+        )
         lines.append(
-            f"integer layers: {m['qdq_integer_layers']}, float layers: "
+            f"integer layers: {m['qdq_integer_layers']}{added}, float layers: "
             + (", ".join(f"{k} ({v})" for k, v in m["qdq_float_layers"].items()) or "none")
         )
         if "kernels" in m:
