@@ -99,8 +99,8 @@ def main() -> None:
                 args.method,
             )
             qat = qat_model(name, W4A4P, calib)
-            batches = [torch.from_numpy(c) for c in calib]  # ranges of ResNet's pre-add convs
-            qat_path = export_onnx(to_qdq(qat, batches)[0], Path(tmp) / f"{name}_qat.onnx", SHAPE)
+            ranges = [torch.from_numpy(c) for c in calib]  # for the convs before an add
+            qat_path = export_onnx(to_qdq(qat, ranges)[0], Path(tmp) / f"{name}_qat.onnx", SHAPE)
             sessions = [session(fp32), session(int8), session(qat_path)]
             fused_integer[name] = integer_kernels(int8), integer_kernels(qat_path)
             for b in batches:

@@ -284,3 +284,19 @@ def test_int8_true_refuses_a_model_without_integer_form(entry, tmp_path):
     assert len(err.strip().splitlines()) == 1
     code, _, err = entry("export.py", f"ckpt={ckpt}", "int8=maybe", run_dir=tmp_path / "e2")
     assert code != 0 and "int8='maybe' is invalid: expected auto, true or false" in err
+
+
+def test_requantized_outputs_cover_only_what_the_next_quantizer_can_see():
+    """ResNet's conv2 output y meets the quantizer only as q(y + shortcut): above q's last level
+    (alpha, PACT) nothing changes, so the calibrated uint8 range stops there."""
+    model = _model("resnet20", W4A4P)
+    torch.manual_seed(3)
+    qdq, report = to_qdq(model, [torch.randn(16, 3, 32, 32) for _ in range(2)])
+    assert report.requantized == [f"layers.{i}.conv2" for i in range(9)]
+    assert report.calib_images == 32
+    for i in range(9):
+        out = qdq.get_submodule(f"layers.{i}.conv2")[1]
+        alpha = model.get_submodule(f"layers.{i}.act2").fn.alpha.item()
+        assert isinstance(out, QDQAct) and (out.hi - out.zero_point) * out.scale <= alpha * 1.01
+    got = check_exact(model, qdq, torch.randn(64, 3, 32, 32))
+    assert got["top1_agreement"] >= 90.0

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.deploy.onnx_export import DEFAULT_OPSET, ExportError, export_onnx, require
+from compress.models.blocks import ChannelShuffle
 from compress.models.resnet import Shortcut
 
 PARAM = "model.ncnn.param"
@@ -57,6 +58,8 @@ def ncnn_friendly(model: nn.Module) -> nn.Module:
         for child_name, child in parent.named_children():
             if isinstance(child, Shortcut):
                 setattr(parent, child_name, PoolShortcut(child))
+            elif isinstance(child, ChannelShuffle):
+                child.export_as_gather = False
     return model
 
 

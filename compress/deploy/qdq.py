@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -445,12 +446,18 @@ def to_qdq(
             new = layer_cls(mod, c, s, grid[src].out_scale)  # type: ignore[arg-type]
             _set(m, name, new)
             layers[node] = new
-    open_out = [n.target for n in layers if n not in quantized_out]
+    open_nodes = [n for n in layers if n not in quantized_out]
+    open_out = [n.target for n in open_nodes]
     report.integer_layers = [n.target for n in layers if n in quantized_out]
     if open_out and calib is not None:
         ranges, report.calib_images = observe_ranges(m, open_out, calib)
-        for name in open_out:
-            scale, zp = act_qparams(*ranges[name])
+        for node in open_nodes:
+            name = node.target
+            lo, hi = ranges[name]
+            bound = _add_then_quantizer(node, grid, mods)
+            if bound is not None:  # beyond these the sum saturates the quantizer anyway
+                lo, hi = lo.clamp(min=bound[0]), hi.clamp(max=bound[1])
+            scale, zp = act_qparams(lo, hi)
             out = QDQAct(float(scale), int(zp), 0, 255)
             _set(m, name, nn.Sequential(m.get_submodule(name), out))
             report.requantized.append(name)
@@ -462,6 +469,36 @@ def to_qdq(
         if name not in report.integer_layers and name not in report.float_layers:
             report.float_layers[name] = "shared by several calls"
     return m, report
+
+
+def _value_range(q: QDQAct, side: str) -> tuple[float, float]:
+    """The values a QDQAct saturates at: on its input side (where Q clamps) or its output."""
+    scale, zp = (q.scale, q.zero_point) if side == "in" else (q.out_scale, q.out_zp)
+    return (q.lo - zp) * scale, (q.hi - zp) * scale
+
+
+def _add_then_quantizer(
+    node: fx.Node, grid: dict[fx.Node, QDQAct], mods: dict[str, nn.Module]
+) -> tuple[float, float] | None:
+    """For y = layer(...) in `q(y + s)` with s on a grid and q a quantizer (ResNet's
+    act2(bn2(conv2(.)) + shortcut)): the interval outside which a change of y cannot change
+    q(y + s), since q saturates below its first level and above its last. None otherwise."""
+    prev, user = node, next(iter(node.users)) if len(node.users) == 1 else None
+    while (
+        user is not None and user.op == "call_module" and isinstance(mods[user.target], nn.Identity)
+    ):
+        prev, user = user, next(iter(user.users)) if len(user.users) == 1 else None
+    if user is None or user.op != "call_function" or user.target not in (operator.add, torch.add):
+        return None
+    if len(user.users) != 1 or len(user.args) != 2:
+        return None
+    act = next(iter(user.users))
+    other = next((a for a in user.args if a is not prev and isinstance(a, fx.Node)), None)
+    if act not in grid or other not in grid:
+        return None
+    q_lo, q_hi = _value_range(grid[act], "in")
+    s_lo, s_hi = _value_range(grid[other], "out")
+    return q_lo - s_hi, q_hi - s_lo
 
 
 def observe_ranges(

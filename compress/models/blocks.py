@@ -28,12 +28,21 @@ class Activation(nn.Module):
 class ChannelShuffle(nn.Module):
     """ShuffleNet channel shuffle: mix channels across the previous layer's groups."""
 
+    export_as_gather = True  # the form an ONNX export writes (see forward)
+
     def __init__(self, groups: int) -> None:
         super().__init__()
         self.groups = groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
+        exporting = torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+        if exporting and self.export_as_gather:
+            # one Gather on the channel axis: ONNX Runtime keeps its NHWC / NCHWc layouts through
+            # it, while a 5-D reshape + transpose makes it convert layouts around it (1.5x slower
+            # int8 NIN-GC); ncnn has no such Gather and takes the reshape form
+            order = torch.arange(c, device=x.device).view(self.groups, c // self.groups)
+            return x.index_select(1, order.t().reshape(-1))
         return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
     def extra_repr(self) -> str:
