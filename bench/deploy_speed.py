@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,14 +78,16 @@ def main() -> None:
         f"{ort.__version__}; CPU: {isa['cpu']}; int8 ISA: {isa['isa']} "
         f"(flags: {' '.join(isa['cpu_flags']) or 'none'})\n"
     )
-    print(
-        "| model | batch | torch fp32 ms | ORT fp32 ms | ORT int8 PTQ ms | ORT int8 QAT w4a4p ms "
-        "| PTQ vs ORT fp32 | QAT vs ORT fp32 | PTQ vs torch | QAT vs torch |"
-    )
-    print("|---|---:|" + "---:|" * 8)
+    ov = openvino_or_none()
+    runtimes = ["ORT"] + (["OV"] if ov is not None else [])
+    cols = ["torch fp32"] + [f"{r} {v}" for r in runtimes for v in ("fp32", "int8 PTQ", "int8 QAT")]
+    print("Milliseconds per batch (best of 3 interleaved rounds of medians):\n")
+    print("| model | batch | " + " | ".join(cols) + " |")
+    print("|---|---:|" + "---:|" * len(cols))
     rng = np.random.default_rng(0)
     calib = [rng.standard_normal((32, *SHAPE), dtype=np.float32) for _ in range(args.calib_batches)]
-    fused_integer: dict[str, tuple[int, int]] = {}
+    ratios: list[str] = []
+    kernels: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             torch.manual_seed(0)
@@ -101,21 +104,54 @@ def main() -> None:
             qat = qat_model(name, W4A4P, calib)
             ranges = [torch.from_numpy(c) for c in calib]  # for the convs before an add
             qat_path = export_onnx(to_qdq(qat, ranges)[0], Path(tmp) / f"{name}_qat.onnx", SHAPE)
-            sessions = [session(fp32), session(int8), session(qat_path)]
-            fused_integer[name] = integer_kernels(int8), integer_kernels(qat_path)
+            paths = (fp32, int8, qat_path)
+            loaded = [(ort_latency_ms, session(p)) for p in paths]
+            kernels[name] = f"ORT {integer_kernels(int8)} / {integer_kernels(qat_path)}"
+            if ov is not None:
+                compiled = [
+                    ov.compile_cpu(ov.export_openvino(p, p.with_suffix(".xml"))) for p in paths
+                ]
+                loaded += [(ov.ov_latency_ms, c) for c in compiled]
+                layers = [ov.int8_layers(c).get("int8", 0) for c in compiled[1:]]
+                kernels[name] += f", OpenVINO {layers[0]} / {layers[1]}"
             for b in batches:
                 reps = args.reps if b == 1 else max(3, args.reps // 4)
                 timers = [partial(latency_ms, model, SHAPE, b, reps)]
-                timers += [partial(ort_latency_ms, sess, SHAPE, b, reps) for sess in sessions]
-                t, f, p, q = best_of(3, timers)
-                cells = [f"{v:.2f}" for v in (t, f, p, q)]
-                cells += [f"{f / p:.2f}x", f"{f / q:.2f}x", f"{t / p:.2f}x", f"{t / q:.2f}x"]
-                print(f"| {name} | {b} | " + " | ".join(cells) + " |", flush=True)
+                timers += [partial(timer, sess, SHAPE, b, reps) for timer, sess in loaded]
+                ms = best_of(3, timers)
+                print(f"| {name} | {b} | " + " | ".join(f"{v:.2f}" for v in ms) + " |", flush=True)
+                torch_ms, per_runtime = (
+                    ms[0],
+                    [ms[1 + 3 * i : 4 + 3 * i] for i in range(len(runtimes))],
+                )
+                cells = []
+                for f, p, q in per_runtime:
+                    cells += [f"{f / p:.2f}x", f"{f / q:.2f}x"]
+                for _, p, q in per_runtime:
+                    cells += [f"{torch_ms / p:.2f}x", f"{torch_ms / q:.2f}x"]
+                ratios.append(f"| {name} | {b} | " + " | ".join(cells) + " |")
+        head = [f"{r} {v} vs {r} fp32" for r in runtimes for v in ("PTQ", "QAT")]
+        head += [f"{r} {v} vs torch" for r in runtimes for v in ("PTQ", "QAT")]
+        print("\nINT8 speed-ups (the same runtime's fp32; PyTorch eager fp32):\n")
+        print("| model | batch | " + " | ".join(head) + " |")
+        print("|---|---:|" + "---:|" * len(head))
+        print("\n".join(ratios))
         print(
-            "\nconvs ORT runs as integer kernels (PTQ, QAT): "
-            + ", ".join(f"{n} {a}, {b}" for n, (a, b) in fused_integer.items())
+            "\ninteger kernels (convs, adds, matmuls; PTQ / QAT): "
+            + "; ".join(f"{n}: {k}" for n, k in kernels.items())
         )
         binary_table(args, batches, calib, Path(tmp))
+
+
+def openvino_or_none() -> Any:
+    """compress.deploy.openvino_export when OpenVINO is installed (its columns), else None."""
+    try:
+        require("openvino")
+    except Exception:
+        return None
+    from compress.deploy import openvino_export
+
+    return openvino_export
 
 
 def best_of(rounds: int, timers: list[Callable[[], float]]) -> list[float]:
