@@ -8,7 +8,9 @@ A stage is a string (its kind) or a dict:
 
 `stage` is the kind, `name` the folder label; `quant`, `model`, `dataset`, `pruner`,
 `sparsity` and `calib` entries are merged into those groups, and every other key overrides
-`schedule`. `calibrate` (post-training INT8 in ONNX Runtime) can only be the last stage.
+`schedule`. `calibrate` (post-training INT8 in ONNX Runtime) and `export` (the previous
+stage's model as a runtime file; a QAT model as its integer QDQ graph; `format`, `int8`,
+`requant_batches`, `latency` as in export.py) can only be the last stage.
 With `resume=true`, finished stages (those with a stage.json) are skipped and the interrupted
 one continues from its last.pt.
 """
@@ -24,9 +26,11 @@ from typing import Any
 
 from compress.cli import write_json
 from compress.config import validate_run
+from compress.deploy.onnx_export import BUILT
 from compress.deploy.ptq import validate_calib
 from compress.errors import ConfigError, check_choice
 from compress.tasks import calibrate as calibrate_task
+from compress.tasks import export as export_task
 from compress.tasks import fuse as fuse_task
 from compress.tasks import prune as prune_task
 from compress.tasks import train as train_task
@@ -71,6 +75,12 @@ def _calibrate_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
     return Path(cfg["init_from"])
 
 
+def _export_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
+    """The previous stage's model in `format`, checked in its runtime; the last stage."""
+    export_task.run({**cfg, "ckpt": cfg["init_from"], "device": "cpu"}, stage_dir)
+    return Path(cfg["init_from"])
+
+
 # A stage runner takes the stage's config and folder and returns the checkpoint it produced.
 STAGE_KINDS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "train": _train_stage,  # from init_from when given, else from scratch
@@ -80,10 +90,13 @@ STAGE_KINDS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
     "quantize": _train_stage,  # from the previous stage, with this stage's quant config
     "fuse": _fuse_stage,  # fold BNs of the previous stage's model
     "calibrate": _calibrate_stage,  # INT8 ONNX of the previous stage's model (last stage only)
+    "export": _export_stage,  # the previous stage's model as a runtime file (last stage only)
 }
-NEEDS_INPUT = {"prune", "finetune", "quantize", "fuse", "calibrate"}
+NEEDS_INPUT = {"prune", "finetune", "quantize", "fuse", "calibrate", "export"}
+LAST_ONLY = {"calibrate": "an INT8 ONNX model", "export": "a runtime file"}
 GROUP_KEYS = ("quant", "model", "dataset", "pruner", "sparsity", "calib")
-TOP_KEYS = ("latency",)  # calibrate: false skips the ORT timing
+# calibrate / export options that live at the top of their configs
+TOP_KEYS = ("latency", "format", "int8", "requant_batches", "opset")
 
 
 def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -102,13 +115,17 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
                 f"schedule.stages[{i}]={kind} needs trained weights, but no earlier stage trains "
                 "a model and init_from is not set: put a train stage first or pass init_from=PATH"
             )
+        if kind in LAST_ONLY and i != len(stages) - 1:
+            raise ConfigError(
+                f"schedule.stages[{i}]={kind} must be the last stage: it writes "
+                f"{LAST_ONLY[kind]}, not weights a later stage could train"
+            )
         if kind == "calibrate":
-            if i != len(stages) - 1:
-                raise ConfigError(
-                    f"schedule.stages[{i}]=calibrate must be the last stage: it writes an INT8 "
-                    "ONNX model, not weights a later stage could train"
-                )
             validate_calib({**calibrate_task.CALIB_DEFAULTS, **(spec.get("calib") or {})})
+        if kind == "export":
+            check_choice(f"schedule.stages[{i}].format", spec.get("format", "onnx"), BUILT)
+            export_task.int8_choice(spec)
+            export_task.requant_batches(spec)
         groups = {k: spec.pop(k) for k in (*GROUP_KEYS, *TOP_KEYS) if k in spec}
         stage_cfg = _merge(base, {**groups, "schedule": spec})
         stage_cfg["resume"], stage_cfg["refine"] = False, None

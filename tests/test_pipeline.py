@@ -104,3 +104,24 @@ def test_calibrate_stage_ends_a_pipeline_with_an_int8_model(tmp_path):
         plan(staged("train", "calibrate", "fuse"))
     with pytest.raises(ConfigError, match="calib.batches=0"):
         plan(staged("train", {"stage": "calibrate", "calib": {"batches": 0}}))
+
+
+def test_export_stage_ends_train_prune_quantize_with_an_integer_model(tmp_path):
+    """train -> prune -> quantize (QAT) -> export: the pruned QAT model as an integer ONNX
+    graph, run in ONNX Runtime."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    w4a4p = {"weight": {"kind": "dorefa", "bits": 4}, "act": {"kind": "pact", "bits": 4}}
+    quantize = {"stage": "quantize", "name": "w4a4p", "quant": {"name": "w4a4p", **w4a4p}}
+    summary = run_pipeline(
+        staged("train", "prune", quantize, {"stage": "export", "latency": False}), tmp_path
+    )
+    last = summary["stages"][-1]
+    assert last["kind"] == "export" and last["int8"] is True and last["pruned"] is True
+    assert (tmp_path / "03_export" / "model_int8.onnx").stat().st_size == last["int8_bytes"]
+    assert last["kernels"]["QLinearConv"] == last["qdq_integer_layers"] >= 4
+    assert last["top1_agreement"] >= 90.0
+    with pytest.raises(ConfigError, match=r"stages\[1\]=export must be the last stage"):
+        plan(staged("train", "export", "fuse"))
+    with pytest.raises(ConfigError, match=r"stages\[1\].format='tflite' is invalid"):
+        plan(staged("train", {"stage": "export", "format": "tflite"}))
