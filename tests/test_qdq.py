@@ -257,6 +257,22 @@ def test_export_writes_the_integer_model_of_a_qat_run(
     assert m["int8"] is False and m["top1_agreement"] >= 99.0
 
 
+def test_openvino_runs_the_integer_model_in_int8(entry, tmp_path):
+    pytest.importorskip("openvino")
+    ckpt = _train_qat(tmp_path, "nin", W4A4P, "w4a4p", [16] * 8)
+    out_dir = tmp_path / "ov"
+    code, out, err = entry(
+        "export.py", f"ckpt={ckpt}", "format=openvino", "latency=false", run_dir=out_dir
+    )
+    assert code == 0, err
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert m["int8"] is True and m["runtime"] == "openvino" and m["top1_agreement"] >= 99.0
+    # the 7 quantized convs in int8; the first conv and the classifier keep float weights
+    assert m["openvino_layer_precisions"] == {"int8": 7, "f32": 2}
+    assert (out_dir / "model.xml").is_file() and (out_dir / "model_int8.onnx").is_file()
+    assert "OpenVINO conv / linear layers by precision: f32 2, int8 7" in out
+
+
 def test_binary_checkpoint_exports_both_ways(entry, tmp_path):
     """wbab (bacp): the integer model, and the float graph (the sign through `where`)."""
     ckpt = _train_qat(tmp_path, "nin", WBAB, "wbab", [16] * 8)

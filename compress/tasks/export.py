@@ -54,6 +54,7 @@ from compress.deploy.openvino_export import (
     XML,
     compile_cpu,
     export_openvino,
+    int8_layers,
     ir_bytes,
     ov_latency_ms,
     ov_logits,
@@ -175,10 +176,12 @@ def runtime_checked(
         path = export_openvino(onnx, run_dir / XML, name)
         loaded, timer, size = compile_cpu(path), ov_latency_ms, ir_bytes(path)
         got, _ = ov_logits(loaded, loader)
+        layers = {"openvino_layer_precisions": int8_layers(loaded)}
     else:
         path = export_ncnn(model, run_dir / PARAM, data.image_shape, name, opset, dynamo)
         loaded, timer, size = load_net(path), ncnn_latency_ms, ncnn_bytes(path)
         got, _ = ncnn_logits(loaded, loader)
+        layers = {}
     metrics = {
         **agreement(torch_logits, got),
         "test_acc_torch": accuracy(torch_logits, labels),
@@ -187,6 +190,7 @@ def runtime_checked(
         "model_file": str(path),
         "runtime": fmt,
         "runtime_version": runtime_version(fmt),
+        **layers,
     }
     return loaded, timer, metrics, labels
 
@@ -367,6 +371,9 @@ def table(m: dict[str, Any]) -> str:
         if "kernels" in m:
             counts = ", ".join(f"{k} {v}" for k, v in m["kernels"].items() if "Conv" in k)
             lines.append(f"ORT kernels after its graph optimizations: {counts}")
+        if "openvino_layer_precisions" in m:
+            counts = ", ".join(f"{k} {v}" for k, v in m["openvino_layer_precisions"].items())
+            lines.append(f"OpenVINO conv / linear layers by precision: {counts}")
     elif m.get("int8_skipped"):
         lines.append(f"float graph of the fake-quant model: {m['int8_skipped']}")
     ref = "PyTorch (fake-quant)" if m["quant"] != "fp32" else "PyTorch"
