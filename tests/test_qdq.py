@@ -217,7 +217,10 @@ def _train_qat(tmp_path, arch: str, quant: dict, name: str, channels: list[int])
     cfg["dataset"].update(num_train=256, num_test=200, crop_padding=0, flip=False)
     metrics = train_task.run(cfg, tmp_path / "train")
     assert metrics["test_acc"] > 20  # it learned something: 10 classes
-    return tmp_path / "train" / "best.pt"
+    ckpt = tmp_path / "train" / "best.pt"
+    # the computed size is at the quantized widths; the fake-quant checkpoint is fp32 on disk
+    assert metrics["size_bytes_ckpt_file"] == ckpt.stat().st_size > metrics["size_bytes"]
+    return ckpt
 
 
 @pytest.mark.parametrize(

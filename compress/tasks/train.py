@@ -158,6 +158,9 @@ def _run(
         **metrics,
         **model_metrics(model, data),
         "latency_ms": measure_latency(model, data),
+        # size_bytes is computed at the quantized widths; a fake-quant checkpoint is fp32 on disk
+        # (pack.py / export.py write the small files)
+        "size_bytes_ckpt_file": _file_size(run_dir / "best.pt"),
         "wall_s": summary["wall_s"],
         "run_wall_s": time.perf_counter() - t_start,
         "history": summary["history"],
@@ -174,3 +177,7 @@ def _run(
     )
     dist.barrier()  # metrics.json is written when any rank returns
     return metrics
+
+
+def _file_size(path: Path) -> int | None:
+    return path.stat().st_size if path.is_file() else None
