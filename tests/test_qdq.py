@@ -319,3 +319,20 @@ def test_requantized_outputs_cover_only_what_the_next_quantizer_can_see():
         assert isinstance(out, QDQAct) and (out.hi - out.zero_point) * out.scale <= alpha * 1.01
     got = check_exact(model, qdq, torch.randn(64, 3, 32, 32))
     assert got["top1_agreement"] >= 90.0
+
+
+def test_a_torchvision_model_with_a_shared_relu_becomes_integer():
+    """torchvision's BasicBlock calls one ReLU module twice: one QDQAct serves both sites, so
+    every quantized conv but the first (float input) is integer."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    quantize_(model, W4A4P)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))
+    qdq, report = to_qdq(model.eval(), [torch.randn(4, 3, 64, 64)])
+    assert "layer1.0.relu" in report.acts and isinstance(qdq.layer1[0].relu, QDQAct)
+    # 16 block convs + 3 downsample convs; the 8 conv2 and 3 downsample outputs meet an add
+    assert len(report.integer_layers) == 19 and len(report.requantized) == 11
+    assert report.float_layers == {"conv1": "float weights", "fc": "float weights"}

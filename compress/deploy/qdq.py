@@ -348,6 +348,15 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def _set_quantizer(model: nn.Module, name: str, site: nn.Module, new: nn.Module) -> None:
+    """Put `new` where the quantizer of module `name` (an Activation slot or the quantizer
+    itself) was."""
+    if isinstance(site, Activation):
+        site.fn = new
+    else:
+        _set(model, name, new)
+
+
 def _quantizer_of(m: nn.Module) -> nn.Module | None:
     fn = m.fn if isinstance(m, Activation) else m
     return fn if isinstance(fn, Quantizer) else None
@@ -392,12 +401,32 @@ def to_qdq(
     grid: dict[fx.Node, QDQAct] = {}  # nodes whose output is DQ(integer codes)
     layers: dict[fx.Node, _QDQLayer] = {}  # nodes computed by an integer layer
     quantized_out: set[fx.Node] = set()  # ... whose output a quantizer reads
+    shared: dict[str, QDQAct | None] = {}  # quantizers called at several sites
     for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] > 1:
+        if node.op != "call_module":
             continue
         name, mod = node.target, mods[node.target]
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         q = _quantizer_of(mod)
+        if calls[name] > 1:
+            # a layer called twice keeps its float form; a quantizer module called at several
+            # sites (torchvision's ResNet calls one ReLU twice per block) becomes one QDQAct
+            if q is None:
+                continue
+            if name not in shared:
+                shared[name] = act_qdq(q)
+                if shared[name] is not None:
+                    _set_quantizer(m, name, mod, shared[name])
+                    report.acts.append(name)
+            if shared[name] is None:
+                continue
+            grid[node] = shared[name]
+            origin = _skip_identity(src, mods)
+            if origin in layers and len(origin.users) == 1:  # type: ignore[union-attr]
+                quantized_out.add(origin)  # type: ignore[arg-type]
+                if isinstance(q, BinaryAct):
+                    layers[origin].set_bias_rounding(torch.floor)  # type: ignore[index]
+            continue
         if q is not None:
             origin = _skip_identity(src, mods)
             pool = None  # conv -> max pool -> quantizer: quantize first (monotone, so equal)
@@ -423,10 +452,7 @@ def to_qdq(
                 qdq_here: nn.Module = nn.Identity()
             else:
                 qdq_here = qdq
-            if isinstance(mod, Activation):
-                mod.fn = qdq_here
-            else:
-                _set(m, name, qdq_here)
+            _set_quantizer(m, name, mod, qdq_here)
             grid[node] = qdq
             report.acts.append(name)
         elif isinstance(mod, _KEEPS_GRID) and src in grid:
