@@ -336,3 +336,23 @@ def test_a_torchvision_model_with_a_shared_relu_becomes_integer():
     # 16 block convs + 3 downsample convs; the 8 conv2 and 3 downsample outputs meet an add
     assert len(report.integer_layers) == 19 and len(report.requantized) == 11
     assert report.float_layers == {"conv1": "float weights", "fc": "float weights"}
+
+
+def test_a_conv_behind_a_float_add_gets_a_calibrated_input():
+    """ResNet-9 adds after its activations, so the conv after the add reads a float sum: with
+    calibration data it gets a uint8 input on the observed range and runs as an integer conv."""
+    torch.manual_seed(0)
+    model = create_model("resnet9", width=8)
+    quantize_(model, W4A4P)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    _, without = to_qdq(model)
+    assert "its input is not quantized" in without.float_layers.values()
+    qdq, report = to_qdq(model, [torch.randn(8, 3, 32, 32)])
+    assert report.requantized_inputs and set(report.float_layers.values()) == {"float weights"}
+    assert len(report.integer_layers) == len(without.integer_layers) + len(
+        report.requantized_inputs
+    )
+    assert check_exact(model, qdq, torch.randn(32, 3, 32, 32))["top1_agreement"] >= 80.0

@@ -329,6 +329,7 @@ class QDQReport:
     acts: list[str] = field(default_factory=list)
     integer_layers: list[str] = field(default_factory=list)  # integer in, integer out
     requantized: list[str] = field(default_factory=list)  # out: an added, calibrated 8 bits
+    requantized_inputs: list[str] = field(default_factory=list)  # in: the same
     float_layers: dict[str, str] = field(default_factory=dict)
     bn_kept: dict[str, str] = field(default_factory=dict)
     calib_images: int = 0
@@ -338,6 +339,7 @@ class QDQReport:
             "qdq_acts": len(self.acts),
             "qdq_integer_layers": len(self.integer_layers),
             "qdq_requantized_layers": len(self.requantized),
+            "qdq_requantized_inputs": len(self.requantized_inputs),
             "qdq_calib_images": self.calib_images,
             "qdq_float_layers": dict(self.float_layers),
         }
@@ -402,6 +404,9 @@ def to_qdq(
     layers: dict[fx.Node, _QDQLayer] = {}  # nodes computed by an integer layer
     quantized_out: set[fx.Node] = set()  # ... whose output a quantizer reads
     shared: dict[str, QDQAct | None] = {}  # quantizers called at several sites
+    pending: dict[fx.Node, nn.Module] = {}  # quantized layers whose input is float
+    sites: dict[fx.Node, nn.Module] = {}  # quantizer call sites -> the fake quantizer
+    calib = None if calib is None else list(calib)
     for node in graph.nodes:
         if node.op != "call_module":
             continue
@@ -420,7 +425,7 @@ def to_qdq(
                     report.acts.append(name)
             if shared[name] is None:
                 continue
-            grid[node] = shared[name]
+            grid[node], sites[node] = shared[name], q
             origin = _skip_identity(src, mods)
             if origin in layers and len(origin.users) == 1:  # type: ignore[union-attr]
                 quantized_out.add(origin)  # type: ignore[arg-type]
@@ -453,7 +458,7 @@ def to_qdq(
             else:
                 qdq_here = qdq
             _set_quantizer(m, name, mod, qdq_here)
-            grid[node] = qdq
+            grid[node], sites[node] = qdq, q
             report.acts.append(name)
         elif isinstance(mod, _KEEPS_GRID) and src in grid:
             _set(m, name, Regrid(mod, grid[src]))
@@ -463,7 +468,10 @@ def to_qdq(
                 report.float_layers[name] = "float weights"
                 continue
             if src not in grid:
-                report.float_layers[name] = "its input is not quantized"
+                if calib is None:
+                    report.float_layers[name] = "its input is not quantized"
+                else:
+                    pending[node] = mod  # an 8-bit input on a calibrated range, below
                 continue
             w = mod.quantized_weight() if isinstance(mod, QConv2d | QLinear) else mod.weight
             wide, _ = widen(*codes[name], code_span(grid[src].hi))
@@ -472,6 +480,26 @@ def to_qdq(
             new = layer_cls(mod, c, s, grid[src].out_scale)  # type: ignore[arg-type]
             _set(m, name, new)
             layers[node] = new
+    if pending:
+        # convs behind an op the QAT model leaves float (ResNet-9's residual add): a uint8 Q / DQ
+        # on the observed range of their input, then the same integer layer
+        ranges, report.calib_images = observe_ranges(m, [n.target for n in pending], calib, "input")
+        for node, mod in pending.items():
+            name = node.target
+            scale, zp = act_qparams(*ranges[name])
+            inq = QDQAct(float(scale), int(zp), 0, 255)
+            w = mod.quantized_weight() if isinstance(mod, QConv2d | QLinear) else mod.weight
+            c, s = _rescale(widen(*codes[name], code_span(255))[0], w, name)
+            layer_cls = QDQConv2d if isinstance(mod, nn.Conv2d) else QDQLinear
+            new = layer_cls(mod, c, s, inq.out_scale)  # type: ignore[arg-type]
+            _set(m, name, nn.Sequential(inq, new))
+            layers[node] = new
+            report.requantized_inputs.append(name)
+            reader = _quantizer_reading(node, sites, mods)
+            if reader is not None:
+                quantized_out.add(node)
+                if isinstance(sites[reader], BinaryAct):
+                    new.set_bias_rounding(torch.floor)
     open_nodes = [n for n in layers if n not in quantized_out]
     open_out = [n.target for n in open_nodes]
     report.integer_layers = [n.target for n in layers if n in quantized_out]
@@ -495,6 +523,23 @@ def to_qdq(
         if name not in report.integer_layers and name not in report.float_layers:
             report.float_layers[name] = "shared by several calls"
     return m, report
+
+
+def _quantizer_reading(
+    node: fx.Node, sites: dict[fx.Node, nn.Module], mods: dict[str, nn.Module]
+) -> fx.Node | None:
+    """The quantizer site (in `sites`) that reads `node`'s output directly (through folded BNs),
+    if any."""
+    user = node
+    while len(user.users) == 1:
+        user = next(iter(user.users))
+        if user.op != "call_module":
+            return None
+        if user in sites:
+            return user
+        if not isinstance(mods[user.target], nn.Identity):
+            return None
+    return None
 
 
 def _value_range(q: QDQAct, side: str) -> tuple[float, float]:
@@ -528,20 +573,27 @@ def _add_then_quantizer(
 
 
 def observe_ranges(
-    model: nn.Module, names: list[str], batches: Iterable[torch.Tensor]
+    model: nn.Module, names: list[str], batches: Iterable[torch.Tensor], where: str = "output"
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
-    """The min / max of the outputs of layers `names` over `batches`, and the image count."""
+    """The min / max of the outputs (or inputs) of layers `names` over `batches`, and the image
+    count."""
     lo = {n: torch.tensor(math.inf) for n in names}
     hi = {n: torch.tensor(-math.inf) for n in names}
 
     def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            a, b = torch.aminmax(out.detach().float())
+        def record(module: nn.Module, args: tuple, out: torch.Tensor | None = None) -> None:
+            seen = args[0] if out is None else out
+            a, b = torch.aminmax(seen.detach().float())
             lo[name], hi[name] = torch.minimum(lo[name], a), torch.maximum(hi[name], b)
 
         return record
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_hook(hook(n))
+        if where == "output"
+        else model.get_submodule(n).register_forward_pre_hook(hook(n))
+        for n in names
+    ]
     images = 0
     try:
         with torch.no_grad():

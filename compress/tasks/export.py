@@ -358,10 +358,13 @@ def table(m: dict[str, Any]) -> str:
     lines = [head]
     if int8:
         requant = m.get("qdq_requantized_layers", 0)
+        requant_in = m.get("qdq_requantized_inputs", 0)
+        parts = [f"{requant} with an 8-bit output"] if requant else []
+        parts += [f"{requant_in} with an 8-bit input"] if requant_in else []
         added = (
-            f" ({requant} with an 8-bit output on ranges from {m['qdq_calib_images']} "
-            "training images)"
-            if requant
+            f" ({' and '.join(parts)} the QAT model did not have, ranges from "
+            f"{m['qdq_calib_images']} training images)"
+            if parts
             else ""
         )
         lines.append(
