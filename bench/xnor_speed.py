@@ -6,8 +6,9 @@ Rows: NIN / NIN-GC shapes, batch 1 and 16. Columns (milliseconds, median of `rep
   fp32      torch F.conv2d on float NCHW
   int8      ONNX Runtime QLinearConv (uint8 activations, int8 per-channel weights, MLAS), when
             onnxruntime and onnx are installed; "n/a" otherwise
-  xnor      XnorConv2d forward: float NCHW in (sign + bit packing included), float out
-  xnor_k    the kernel alone on pre-packed activations
+  xnor      xnor_conv2d on the float NCHW input (sign + bit packing fused into the call, as in
+            XnorConv2d.forward), float NCHW out
+  xnor_k    the same call on activations pre-packed by pack_activations (no sign + pack)
   int8/xnor the speed-up over int8 (the issue's goal: >= 2)
 Prints a markdown table and the instruction set the kernel chose.
 """
@@ -127,7 +128,7 @@ def main() -> None:
             xs = torch.copysign(torch.ones(()), x)
             w = torch.randn(cout, cin // groups, k, k)
             wq = torch.copysign(torch.ones(()), w) * w.abs().mean((1, 2, 3), keepdim=True)
-            pw = xnor.pack_weight(wq)
+            pw = xnor.pack_weight(wq, groups)
             scale = wq.abs().amax((1, 2, 3)).contiguous()
             for threads in args.threads:
                 torch.set_num_threads(threads)

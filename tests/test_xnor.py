@@ -42,6 +42,23 @@ SHAPES = [
     (64, 192, 3, 2, 1, 2, 3, 7),
     (256, 256, 3, 1, 1, 16, 1, 8),  # Cg = 16: taps packed densely across word boundaries
     (40, 24, 3, 1, 1, 1, 3, 6),
+    # channels in lanes: Og not a multiple of 8 / 16, 1..3 weight blocks, Cg not a multiple
+    # of 64 (dense im2col path) and a multiple (direct tap indexing), 5x5, odd sizes, pixel
+    # tails (plane not a multiple of 16), stride 2 with padding 2, batch > 1
+    (128, 12, 3, 1, 1, 1, 2, 5),
+    (128, 20, 5, 1, 2, 1, 2, 7),
+    (64, 40, 5, 2, 2, 2, 2, 9),
+    (70, 30, 1, 1, 0, 1, 2, 3),
+    (130, 18, 3, 1, 1, 1, 1, 4),
+    (256, 256, 1, 1, 0, 16, 2, 6),
+    (384, 192, 3, 1, 1, 2, 1, 11),
+    (32, 8, 5, 1, 2, 1, 1, 17),
+    (8, 16, 3, 1, 0, 2, 2, 4),
+    # 1x1, stride 1, no padding, Cg % 64 == 0: the pixels-in-lanes kernel (AVX-512), planes of
+    # 256 (NIN), 49 (a 17-pixel tail) and 25 pixels, Og not a multiple of 4
+    (192, 160, 1, 1, 0, 1, 2, 16),
+    (128, 20, 1, 1, 0, 2, 3, 7),
+    (256, 36, 1, 1, 0, 2, 1, 5),
 ]
 
 
@@ -58,7 +75,7 @@ def _case(cin, cout, k, groups, batch, size, seed=0):
 def test_matches_fp32_conv(shape, isa):
     cin, cout, k, s, p, groups, batch, size = shape
     x, w, b, scale = _case(cin, cout, k, groups, batch, size)
-    xs, packed = sign(x), xnor.pack_weight(w)
+    xs, packed = sign(x), xnor.pack_weight(w, groups)
 
     def run(sc=None, bias=None):
         return xnor.xnor_conv2d(x, packed, sc, bias, s, p, groups, k, isa=isa)
@@ -82,11 +99,73 @@ def test_packed_input_and_packing_layout():
     assert packed_x.shape == (2, 5, 5, 2, 1) and packed_x.dtype == torch.int64
     bit = (packed_x[1, 3, 4, 1, 0] >> 7) & 1  # channel 48 + 7 of image 1 at (3, 4)
     assert int(bit) == int(x[1, 55, 3, 4] >= 0)
-    pw = xnor.pack_weight(w)
+    pw = xnor.pack_weight(w, 2)
     out = xnor.xnor_conv2d(packed_x, pw, None, b, 1, 1, 2)
     assert torch.equal(out, xnor.xnor_conv2d(x, pw, None, b, 1, 1, 2))
-    assert pw.words.shape == (64, 7)  # 9 taps x 48 bits = 432 bits -> 7 words
-    assert torch.equal(pw.tap_popcount.sum(1), (w > 0).flatten(1).sum(1).int())
+    # [groups, ceil(Og / 8), Kw, 8]: 9 taps x 48 bits = 432 bits -> 7 words
+    assert pw.words.shape == (2, 4, 7, 8)
+    assert pw.tap_popcount.shape == (2, 9, 32)  # Og = 32 (a multiple of 16)
+    pop = pw.tap_popcount.permute(0, 2, 1)  # [G, Og, T]
+    assert torch.equal(pop.reshape(64, 9).sum(1), (w > 0).flatten(1).sum(1).int())
+    # channel 8 * 2 + 3 of group 1 is lane 3 of block 2: its first word = taps 0 (bits 0..47)
+    # and 1 (bits 48..63)
+    o = 32 + 19
+    bits = (w[o].permute(1, 2, 0).reshape(-1) > 0).long()[:64]  # [kh, kw, c] order
+    word = int((bits << torch.arange(64)).sum())  # wraps to int64 like the packed word
+    assert int(pw.words[1, 2, 0, 3]) == word
+
+
+# (channels, groups, width) for the fused sign + pack: channel counts around 64, Cg < 64
+# dividing 64 (words of several groups split from one 64-channel word: Cg = 8, 16, 32), Cg
+# not dividing 64 (20, 100), widths around 16 (masked tails)
+PACK_CASES = [
+    (64, 1, 16),
+    (200, 2, 23),
+    (48, 3, 5),
+    (130, 1, 33),
+    (256, 16, 8),
+    (256, 2, 7),
+    (384, 3, 16),
+    (96, 12, 5),
+    (64, 2, 9),
+    (100, 5, 20),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_pack_activations_all_widths(isa):
+    """The fused sign + pack (AVX-512 bit transpose) against a plain reference, and the conv on
+    a float input (packed inside the call) against the conv on the packed input."""
+    for c, groups, width in PACK_CASES:
+        x = torch.randn(2, c, 3, width)
+        x[0, 0, 0, :2] = torch.tensor([0.0, -0.0])
+        got = xnor.pack_activations(x, groups)
+        cg = c // groups
+        bits = (sign(x) > 0).long().reshape(2, groups, cg, 3, width).permute(0, 3, 4, 1, 2)
+        wg = (cg + 63) // 64
+        bits = F.pad(bits, (0, wg * 64 - cg)).reshape(2, 3, width, groups, wg, 64)
+        ref = (bits << torch.arange(64)).sum(-1)
+        assert torch.equal(got, ref)
+        # as the conv's own input path (1x1 identity-like check through the kernel)
+        w = sign(torch.randn(8 * groups, cg, 1, 1))
+        pw = xnor.pack_weight(w, groups)
+        assert torch.equal(
+            xnor.xnor_conv2d(x, pw, groups=groups, isa=isa),
+            xnor.xnor_conv2d(got, pw, groups=groups, isa=isa),
+        )
+
+
+def test_isas_agree_on_large_kernel():
+    x, w, b, scale = _case(192, 160, 3, 1, 4, 16)
+    pw = xnor.pack_weight(w)
+    outs = [xnor.xnor_conv2d(x, pw, scale, b, 1, 1, isa=isa) for isa in ISAS]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_rejects_mismatched_groups():
+    x, w, _, _ = _case(64, 32, 3, 2, 1, 5)
+    with pytest.raises(ValueError):
+        xnor.xnor_conv2d(x, xnor.pack_weight(w, 1), groups=2)
 
 
 def _wbab_nin_gc():
@@ -124,6 +203,38 @@ def test_nin_gc_wbab_model():
             assert torch.allclose(d(xin), q(xin), rtol=1e-6, atol=1e-4)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+def test_nin_gc_fused_matches_float64():
+    """After BN fusion (as in bench/deploy_speed.py) the XNOR model equals a float64 evaluation
+    of the same fake-quant model to fp32 rounding. The fp32 fake-quant model can be farther off:
+    where an exact pre-activation is 0 its conv leaves a +-1e-8 residue and the BinaryAct after
+    it flips sign, while the XNOR conv returns the exact 0.0 (sign +1)."""
+    import copy
+
+    from compress.fuse import fuse_bn_
+
+    model = _wbab_nin_gc()
+    fuse_bn_(model)
+    deployed = copy.deepcopy(model)
+    assert len(xnor.convert_binary_convs_(deployed)) >= 6
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(x.double())
+        out = deployed(x)
+    assert torch.allclose(out.double(), ref64, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_zero_pre_activation():
+    """dot = 0 with bias 0 gives exactly 0.0 (not a rounding residue), with and without scale."""
+    x = torch.ones(1, 128, 3, 3)
+    x[:, 64:] = -1  # half the channels -1: against an all-+1 weight every dot is 0
+    w = torch.ones(8, 128, 3, 3)
+    pw = xnor.pack_weight(w)
+    for isa in ISAS:
+        for scale in (None, torch.full((8,), 0.0433)):
+            out = xnor.xnor_conv2d(x, pw, scale, torch.zeros(8), 1, 1, isa=isa)
+            assert torch.equal(out, torch.zeros_like(out)) and not torch.signbit(out).any()
 
 
 def test_from_qconv_unscaled_is_exact():

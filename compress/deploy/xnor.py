@@ -15,10 +15,27 @@ pixel. Exactness against `F.conv2d(sign(x), binary_weight, bias)`:
 - scaled weights: within fp32 rounding. The fake-quant conv sums K terms +-scale in fp32 (each
   partial sum rounded), the XNOR conv rounds once (dot * scale); the two agree to a few ulps of
   the partial sums (tests: rtol 1e-6 plus an atol of 1e-6 * scale * K).
+A whole model can differ more than one layer does, and then the XNOR model is the exact one:
+where the exact pre-activation is 0 (integer dot 0 and bias 0), the XNOR conv returns 0.0 and
+the next BinaryAct gives +1, while the fp32 fake-quant conv may leave a +-1e-8 residue whose
+sign flips that +1 to -1 (wbab NIN-GC in bench/deploy_speed.py: 85 such flips into the last
+binary block move the logits by ~9e-3; the XNOR model is within 1e-7 of a float64 evaluation).
+
+Design (details in the header of binary_conv.cpp): output channels in vector lanes. The weight
+is packed once (pack_weight, XnorConv2d.from_qconv) as [groups, Og / 8 blocks, Kw words, 8
+lanes], so one 512-bit load holds word k of 8 output channels; the kernel broadcasts a pixel's
+activation word, XORs it against the weight vectors, VPOPCNTQ, VPADDQ into per (pixel, 8
+channels) accumulators, K loop innermost, no horizontal reductions. A float input is signed and
+bit-packed inside the same call (AVX-512 bit transpose into a zero-padded buffer); taps are
+read in place when Cg is a multiple of 64, else from per-pixel bit patches (im2col on bits).
+1x1 convs (stride 1, no padding, Cg a multiple of 64) put pixels in the lanes instead and
+broadcast the weight words: their outputs come out NCHW-contiguous without a transpose.
 
 The instruction set is chosen at run time: AVX-512 VPOPCNTQ where the CPU has
 avx512vpopcntdq, else AVX2 (nibble-table popcount), else portable __builtin_popcountll; see
-`best_isa()`. Threads: at::parallel_for (torch.set_num_threads).
+`best_isa()`. All three share the layout and are tested against each other. The library is
+built without -march (per-function target attributes), so it loads on any x86-64. Threads:
+at::parallel_for (torch.set_num_threads).
 
 The extension is compiled once with torch.utils.cpp_extension.load (g++ and ninja) into
 $COMPRESS_EXT_DIR or ~/.cache/compress/torch_extensions/<name>, and reused afterwards.
@@ -81,7 +98,8 @@ def extension():
             name="compress_xnor_conv",
             sources=[str(SOURCE)],
             build_directory=str(_build_dir()),
-            extra_cflags=["-O3", "-fopenmp"],
+            # no FMA contraction: out = float(dot) * scale, then + bias, one rounding each
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -109,16 +127,21 @@ def _isa_id(isa: str | None) -> int:
 
 
 class PackedWeight(NamedTuple):
-    words: torch.Tensor  # int64 [O, Kw]: each output channel's receptive field as bits
-    tap_popcount: torch.Tensor  # int32 [O, KH * KW]: popcount of each tap's bits
+    words: torch.Tensor  # int64 [G, ceil(Og / 8), Kw, 8]: receptive-field bits, 8 channels in lanes
+    tap_popcount: torch.Tensor  # int32 [G, KH * KW, Og rounded up to 16]: popcount per tap
     in_per_group: int  # Cg
     kernel: tuple[int, int]
+    groups: int
+    out_channels: int
 
 
-def pack_weight(w: torch.Tensor) -> PackedWeight:
-    """Sign bits (bit 1 = +1, sign(0) = +1) of a [O, Cg, KH, KW] weight."""
-    words, pop = extension().pack_weight(w.detach().float().contiguous())
-    return PackedWeight(words, pop, int(w.shape[1]), (int(w.shape[2]), int(w.shape[3])))
+def pack_weight(w: torch.Tensor, groups: int = 1) -> PackedWeight:
+    """Sign bits (bit 1 = +1, sign(0) = +1) of a [O, Cg, KH, KW] weight of a conv with `groups`
+    groups, in the kernel's layout: per group, blocks of 8 output channels, word k of the 8
+    channels' receptive fields contiguous (one 512-bit vector), Kw = ceil(KH KW Cg / 64) words."""
+    words, pop = extension().pack_weight(w.detach().float().contiguous(), int(groups))
+    kernel = (int(w.shape[2]), int(w.shape[3]))
+    return PackedWeight(words, pop, int(w.shape[1]), kernel, int(groups), int(w.shape[0]))
 
 
 def pack_activations(x_sign: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -129,6 +152,11 @@ def pack_activations(x_sign: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _opt(t: torch.Tensor | None) -> torch.Tensor | None:
+    # the extension takes float32 (it makes the tensor contiguous itself); no autograd there
+    return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 def xnor_conv2d(
@@ -143,29 +171,27 @@ def xnor_conv2d(
     isa: str | None = None,
 ) -> torch.Tensor:
     """F.conv2d(sign(x), sign(w) * scale[:, None, None, None], bias, stride, padding, groups)
-    computed with XNOR + popcount. `x`: a float NCHW tensor (its sign is taken) or the output
-    of `pack_activations(x, groups)`. `isa` forces an instruction set (tests); default: best."""
-    kh, kw = _pair(kernel) if kernel is not None else packed_weight.kernel
-    if (kh, kw) != packed_weight.kernel:
-        raise ValueError(f"kernel={(kh, kw)} but the weight was packed as {packed_weight.kernel}")
-    if x.dtype != torch.int64:
-        if x.shape[1] != packed_weight.in_per_group * groups:
-            raise ValueError(
-                f"input has {x.shape[1]} channels, the weight expects "
-                f"{packed_weight.in_per_group} x {groups} groups"
-            )
-        x = pack_activations(x, groups)
-    elif x.shape[3] != groups:
-        raise ValueError(f"activations were packed for {x.shape[3]} groups, not {groups}")
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
+    computed with XNOR + popcount. `x`: a float NCHW tensor (sign and bit packing are fused into
+    the call) or the output of `pack_activations(x, groups)`. `packed_weight` must have been
+    packed for the same `groups`. `isa` forces an instruction set (tests); default: best."""
+    # kept lean (microseconds matter for small layers); the extension checks the shapes
+    kh, kw = packed_weight.kernel
+    if kernel is not None and _pair(kernel) != (kh, kw):
+        raise ValueError(f"kernel={kernel} but the weight was packed as {packed_weight.kernel}")
+    if groups != packed_weight.groups:
+        raise ValueError(f"groups={groups} but the weight was packed for {packed_weight.groups}")
+    if x.dtype != torch.int64 and x.dtype != torch.float32:
+        x = x.float()
+    sh, sw = (stride, stride) if isinstance(stride, int) else _pair(stride)
+    ph, pw = (padding, padding) if isinstance(padding, int) else _pair(padding)
     return extension().xnor_conv2d(
         x,
         packed_weight.words,
         packed_weight.tap_popcount,
-        None if scale is None else scale.detach().float().contiguous(),
-        None if bias is None else bias.detach().float().contiguous(),
+        _opt(scale),
+        _opt(bias),
         packed_weight.in_per_group,
+        packed_weight.out_channels,
         kh,
         kw,
         sh,
@@ -195,6 +221,8 @@ class XnorConv2d(nn.Module):
         self.register_buffer("tap_popcount", packed.tap_popcount)
         self.register_buffer("scale", scale)
         self.register_buffer("bias", bias)
+        if packed.groups != groups or packed.out_channels != out_channels:
+            raise ValueError("XnorConv2d: the weight was packed for other groups / channels")
         self.in_per_group, self.kernel = packed.in_per_group, packed.kernel
         self.stride, self.padding, self.groups = stride, padding, groups
         self.in_channels, self.out_channels = packed.in_per_group * groups, out_channels
@@ -202,7 +230,14 @@ class XnorConv2d(nn.Module):
 
     @property
     def packed(self) -> PackedWeight:
-        return PackedWeight(self.words, self.tap_popcount, self.in_per_group, self.kernel)
+        return PackedWeight(
+            self.words,
+            self.tap_popcount,
+            self.in_per_group,
+            self.kernel,
+            self.groups,
+            self.out_channels,
+        )
 
     @classmethod
     @torch.no_grad()
@@ -219,7 +254,7 @@ class XnorConv2d(nn.Module):
         scale = q.abs().amax(dim=(1, 2, 3)).contiguous() if qconv.weight_quant.scaled else None
         bias = None if qconv.bias is None else qconv.bias.detach().float().clone()
         return cls(
-            pack_weight(q),
+            pack_weight(q, qconv.groups),
             scale,
             bias,
             _pair(qconv.stride),
@@ -229,16 +264,25 @@ class XnorConv2d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return xnor_conv2d(
+        # straight to the extension (it checks shapes): the Python wrapper costs microseconds,
+        # which matter for small layers
+        if x.dtype != torch.int64 and x.dtype != torch.float32:
+            x = x.float()
+        return extension().xnor_conv2d(
             x,
-            self.packed,
+            self.words,
+            self.tap_popcount,
             self.scale,
             self.bias,
-            self.stride,
-            self.padding,
-            self.groups,
-            self.kernel,
-            self.isa,
+            self.in_per_group,
+            self.out_channels,
+            self.kernel[0],
+            self.kernel[1],
+            self.stride[0],
+            self.stride[1],
+            self.padding[0],
+            self.padding[1],
+            _isa_id(self.isa),
         )
 
     def extra_repr(self) -> str:
