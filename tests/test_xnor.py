@@ -193,6 +193,9 @@ def test_nin_gc_wbab_model():
     names = xnor.convert_binary_convs_(deployed)
     assert len(names) == 7  # every block after the stem: 5x5, 3x3 and 1x1, grouped
     assert all(isinstance(deployed.get_submodule(n), xnor.XnorConv2d) for n in names)
+    # the sign pass before each XNOR conv is gone: the conv takes the sign while packing
+    blocks = [deployed.get_submodule(n.rpartition(".")[0]) for n in names]
+    assert all(isinstance(b.act.fn, torch.nn.Identity) for b in blocks)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref, out = model(x), deployed(x)

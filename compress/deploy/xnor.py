@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.models.blocks import ConvBlock
+from compress.models.blocks import Activation, ConvBlock
 from compress.quant.modules import QConv2d
 from compress.quant.quantizers import BinaryAct, BinaryWeight
 
@@ -330,6 +330,10 @@ def convert_binary_convs_(model: nn.Module) -> list[str]:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, XnorConv2d.from_qconv(getattr(owner, child)))
+        # the XNOR conv takes the sign of its float input while packing it (sign(0) = +1, as
+        # BinaryAct's), so the block's own sign pass is redundant: sign(sign(x)) = sign(x)
+        if isinstance(owner.act, Activation):
+            owner.act.fn = nn.Identity()
     return names
 
 
