@@ -27,7 +27,8 @@ from compress.quant.quantizers import BinaryAct, BinaryWeight, Quantizer, Ternar
 
 log = logging.getLogger(__name__)
 
-_LEAVES = (
+# what FX keeps whole when tracing a model for folding (and for compress.deploy.qdq)
+LEAF_MODULES = (
     nn.Conv2d,
     nn.Linear,
     nn.BatchNorm2d,
@@ -44,9 +45,11 @@ _LEAVES = (
 _BIG = 1e30  # bias of a channel whose BN has gamma = 0: its sign never changes
 
 
-class _Tracer(fx.Tracer):
+class LeafTracer(fx.Tracer):
+    """An FX tracer that keeps convs, BNs, activations, quantizers and pools whole."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
 
 
 @dataclass
@@ -68,7 +71,7 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 
 def plan_fusion(model: nn.Module) -> Plan:
     """Find every BN and decide how (or whether) it can be folded."""
-    graph = _Tracer().trace(model)
+    graph = LeafTracer().trace(model)
     mods = dict(model.named_modules())
 
     def mod(node: fx.Node) -> nn.Module | None:
@@ -212,4 +215,13 @@ def count_bn(model: nn.Module) -> int:
     return sum(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in model.modules())
 
 
-__all__ = ["Fold", "Plan", "apply_fused_structure_", "count_bn", "fuse_bn_", "plan_fusion"]
+__all__ = [
+    "LEAF_MODULES",
+    "Fold",
+    "LeafTracer",
+    "Plan",
+    "apply_fused_structure_",
+    "count_bn",
+    "fuse_bn_",
+    "plan_fusion",
+]

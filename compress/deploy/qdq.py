@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.errors import CompressError
-from compress.fuse import fuse_bn_
+from compress.fuse import LeafTracer, fuse_bn_
 from compress.models.blocks import Activation, ChannelShuffle
 from compress.models.resnet import Shortcut
 from compress.quant.base import Quantizer
@@ -302,20 +302,6 @@ def sign_qdq(producer_scale: float | None = None) -> QDQAct:
 
 
 # ---------------------------------------------------------------- conversion
-_LEAVES = (
-    nn.Conv2d,
-    nn.Linear,
-    nn.BatchNorm2d,
-    nn.BatchNorm1d,
-    Activation,
-    Quantizer,
-    ChannelShuffle,
-    Shortcut,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-)
 # layers whose output is on the grid of their input: max pools, permutations, and a ResNet's
 # option-A shortcut (subsampling and zero channels: 0.0 is a code of every grid here)
 _KEEPS_GRID = (
@@ -326,11 +312,6 @@ _KEEPS_GRID = (
     nn.Identity,
     nn.Dropout,
 )
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
 
 @dataclass
@@ -405,7 +386,7 @@ def to_qdq(
     }
     report = QDQReport()
     report.bn_kept = dict(fuse_bn_(m).skipped)
-    graph = _Tracer().trace(m)
+    graph = LeafTracer().trace(m)
     mods = dict(m.named_modules())
     calls: dict[str, int] = {}
     for node in graph.nodes:
