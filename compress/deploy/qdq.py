@@ -373,11 +373,9 @@ def to_qdq(
 ) -> tuple[nn.Module, QDQReport]:
     """A QDQ copy of the fake-quantized `model` (eval mode, on the CPU) and what was done.
 
-    A layer with integer input whose output reaches no quantizer (a ResNet's second conv, summed
-    with the shortcut before the block's activation) can only run as an integer kernel with an
-    8-bit output: with `calib` (batches of normalized inputs), its output gets a uint8 Q / DQ
-    on the min / max range observed there; the only step that is not in the QAT model.
-    Without, it keeps int8 weights and a float output."""
+    `calib`: batches of normalized inputs for the 8-bit ranges of what the QAT model leaves float
+    next to an integer layer (see the module docstring); without, those layers keep int8
+    weights and a float input or output."""
     m = copy.deepcopy(model).cpu().eval()
     codes = {
         name: c
@@ -385,136 +383,167 @@ def to_qdq(
         if isinstance(layer, QConv2d | QLinear) and (c := weight_codes(layer)) is not None
     }
     report = QDQReport()
-    report.bn_kept = dict(fuse_bn_(m).skipped)
-    graph = LeafTracer().trace(m)
-    mods = dict(m.named_modules())
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
+    report.bn_kept = dict(fuse_bn_(m).skipped)  # codes first: folding keeps the quantized grid
+    work = _Conversion(m, codes, report, None if calib is None else list(calib))
+    for node in work.graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    grid: dict[fx.Node, QDQAct] = {}  # nodes whose output is DQ(integer codes)
-    layers: dict[fx.Node, _QDQLayer] = {}  # nodes computed by an integer layer
-    quantized_out: set[fx.Node] = set()  # ... whose output a quantizer reads
-    shared: dict[str, QDQAct | None] = {}  # quantizers called at several sites
-    pending: dict[fx.Node, nn.Module] = {}  # quantized layers whose input is float
-    sites: dict[fx.Node, nn.Module] = {}  # quantizer call sites -> the fake quantizer
-    calib = None if calib is None else list(calib)
-    for node in graph.nodes:
-        if node.op != "call_module":
-            continue
-        name, mod = node.target, mods[node.target]
-        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        q = _quantizer_of(mod)
-        if calls[name] > 1:
-            # a layer called twice keeps its float form; a quantizer module called at several
-            # sites (torchvision's ResNet calls one ReLU twice per block) becomes one QDQAct
-            if q is None:
-                continue
-            if name not in shared:
-                shared[name] = act_qdq(q)
-                if shared[name] is not None:
-                    _set_quantizer(m, name, mod, shared[name])
-                    report.acts.append(name)
-            if shared[name] is None:
-                continue
-            grid[node], sites[node] = shared[name], q
-            origin = _skip_identity(src, mods)
-            if origin in layers and len(origin.users) == 1:  # type: ignore[union-attr]
-                quantized_out.add(origin)  # type: ignore[arg-type]
-                if isinstance(q, BinaryAct):
-                    layers[origin].set_bias_rounding(torch.floor)  # type: ignore[index]
-            continue
-        if q is not None:
-            origin = _skip_identity(src, mods)
-            pool = None  # conv -> max pool -> quantizer: quantize first (monotone, so equal)
-            if (
-                isinstance(origin, fx.Node)
-                and origin.op == "call_module"
-                and isinstance(mods[origin.target], nn.MaxPool2d)
-                and len(origin.users) == 1
-                and calls[origin.target] == 1
-            ):
-                pool, origin = origin, _skip_identity(origin.args[0], mods)
-            layer = layers.get(origin) if len(getattr(origin, "users", ())) == 1 else None
-            step = None if layer is None else layer.in_scale * float(layer.scale.min())
-            qdq = act_qdq(q, step)
-            if qdq is None:
-                continue
-            if layer is not None:
-                quantized_out.add(origin)  # type: ignore[arg-type]
-            if isinstance(q, BinaryAct) and layer is not None:
-                layer.set_bias_rounding(torch.floor)
-            if pool is not None and layer is not None:
-                _set(m, pool.target, Regrid(nn.Sequential(qdq, mods[pool.target]), qdq))
-                qdq_here: nn.Module = nn.Identity()
-            else:
-                qdq_here = qdq
-            _set_quantizer(m, name, mod, qdq_here)
-            grid[node], sites[node] = qdq, q
-            report.acts.append(name)
-        elif isinstance(mod, _KEEPS_GRID) and src in grid:
-            _set(m, name, Regrid(mod, grid[src]))
-            grid[node] = grid[src]
-        elif isinstance(mod, nn.Conv2d | nn.Linear):
-            if name not in codes:
-                report.float_layers[name] = "float weights"
-                continue
-            if src not in grid:
-                if calib is None:
-                    report.float_layers[name] = "its input is not quantized"
-                else:
-                    pending[node] = mod  # an 8-bit input on a calibrated range, below
-                continue
-            w = mod.quantized_weight() if isinstance(mod, QConv2d | QLinear) else mod.weight
-            wide, _ = widen(*codes[name], code_span(grid[src].hi))
-            c, s = _rescale(wide, w, name)
-            layer_cls = QDQConv2d if isinstance(mod, nn.Conv2d) else QDQLinear
-            new = layer_cls(mod, c, s, grid[src].out_scale)  # type: ignore[arg-type]
-            _set(m, name, new)
-            layers[node] = new
-    if pending:
-        # convs behind an op the QAT model leaves float (ResNet-9's residual add): a uint8 Q / DQ
-        # on the observed range of their input, then the same integer layer
-        ranges, report.calib_images = observe_ranges(m, [n.target for n in pending], calib, "input")
-        for node, mod in pending.items():
-            name = node.target
-            scale, zp = act_qparams(*ranges[name])
-            inq = QDQAct(float(scale), int(zp), 0, 255)
-            w = mod.quantized_weight() if isinstance(mod, QConv2d | QLinear) else mod.weight
-            c, s = _rescale(widen(*codes[name], code_span(255))[0], w, name)
-            layer_cls = QDQConv2d if isinstance(mod, nn.Conv2d) else QDQLinear
-            new = layer_cls(mod, c, s, inq.out_scale)  # type: ignore[arg-type]
-            _set(m, name, nn.Sequential(inq, new))
-            layers[node] = new
-            report.requantized_inputs.append(name)
-            reader = _quantizer_reading(node, sites, mods)
-            if reader is not None:
-                quantized_out.add(node)
-                if isinstance(sites[reader], BinaryAct):
-                    new.set_bias_rounding(torch.floor)
-    open_nodes = [n for n in layers if n not in quantized_out]
-    open_out = [n.target for n in open_nodes]
-    report.integer_layers = [n.target for n in layers if n in quantized_out]
-    if open_out and calib is not None:
-        ranges, report.calib_images = observe_ranges(m, open_out, calib)
-        for node in open_nodes:
-            name = node.target
-            lo, hi = ranges[name]
-            bound = _add_then_quantizer(node, grid, mods)
-            if bound is not None:  # beyond these the sum saturates the quantizer anyway
-                lo, hi = lo.clamp(min=bound[0]), hi.clamp(max=bound[1])
-            scale, zp = act_qparams(lo, hi)
-            out = QDQAct(float(scale), int(zp), 0, 255)
-            _set(m, name, nn.Sequential(m.get_submodule(name), out))
-            report.requantized.append(name)
-        report.integer_layers += report.requantized
-    else:
-        for name in open_out:
-            report.float_layers[name] = "its output is not quantized (int8 weights)"
+            work.visit(node)
+    work.requantize_inputs()
+    work.requantize_outputs()
     for name in codes:
         if name not in report.integer_layers and name not in report.float_layers:
             report.float_layers[name] = "shared by several calls"
     return m, report
+
+
+class _Conversion:
+    """One walk over the FX graph of the BN-folded copy `m`, in execution order, replacing
+    modules in place. State: which nodes output integer codes (`grid`), which are integer
+    layers (`layers`) and which of those a quantizer reads (`read`)."""
+
+    def __init__(
+        self,
+        m: nn.Module,
+        codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        report: QDQReport,
+        calib: list[torch.Tensor] | None,
+    ) -> None:
+        self.m, self.codes, self.report, self.calib = m, codes, report, calib
+        self.graph = LeafTracer().trace(m)
+        self.mods = dict(m.named_modules())
+        self.calls: dict[str, int] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        self.grid: dict[fx.Node, QDQAct] = {}  # nodes whose output is DQ(integer codes)
+        self.layers: dict[fx.Node, _QDQLayer] = {}  # nodes computed by an integer layer
+        self.read: set[fx.Node] = set()  # integer layers whose output a quantizer reads
+        self.sites: dict[fx.Node, nn.Module] = {}  # quantizer call sites -> fake quantizer
+        self.shared: dict[str, QDQAct | None] = {}  # quantizers called at several sites
+        self.pending: dict[fx.Node, nn.Module] = {}  # quantized layers with a float input
+
+    def visit(self, node: fx.Node) -> None:
+        name, mod = node.target, self.mods[node.target]
+        src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        q = _quantizer_of(mod)
+        if self.calls[name] > 1:  # a layer called twice keeps its float form
+            if q is not None:
+                self.shared_site(node, name, mod, q, src)
+        elif q is not None:
+            self.site(node, name, mod, q, src)
+        elif isinstance(mod, _KEEPS_GRID) and src in self.grid:
+            _set(self.m, name, Regrid(mod, self.grid[src]))
+            self.grid[node] = self.grid[src]
+        elif isinstance(mod, nn.Conv2d | nn.Linear):
+            self.layer(node, name, mod, src)
+
+    def _reads(self, origin: object, q: nn.Module) -> None:
+        """Quantizer `q` reads integer layer `origin` (when it is one, with no other reader)."""
+        if origin in self.layers and len(origin.users) == 1:  # type: ignore[union-attr]
+            self.read.add(origin)  # type: ignore[arg-type]
+            if isinstance(q, BinaryAct):
+                self.layers[origin].set_bias_rounding(torch.floor)  # type: ignore[index]
+
+    def shared_site(
+        self, node: fx.Node, name: str, mod: nn.Module, q: nn.Module, src: object
+    ) -> None:
+        """A quantizer module called at several sites (torchvision's ResNet calls one ReLU twice
+        per block): one QDQAct for all of them."""
+        if name not in self.shared:
+            self.shared[name] = qdq = act_qdq(q)
+            if qdq is not None:
+                _set_quantizer(self.m, name, mod, qdq)
+                self.report.acts.append(name)
+        qdq = self.shared[name]
+        if qdq is not None:
+            self.grid[node], self.sites[node] = qdq, q
+            self._reads(_skip_identity(src, self.mods), q)
+
+    def site(self, node: fx.Node, name: str, mod: nn.Module, q: nn.Module, src: object) -> None:
+        origin = _skip_identity(src, self.mods)
+        pool = None  # conv -> max pool -> quantizer: quantize first (monotone, so equal)
+        if (
+            isinstance(origin, fx.Node)
+            and origin.op == "call_module"
+            and isinstance(self.mods[origin.target], nn.MaxPool2d)
+            and len(origin.users) == 1
+            and self.calls[origin.target] == 1
+        ):
+            pool, origin = origin, _skip_identity(origin.args[0], self.mods)
+        layer = self.layers.get(origin) if len(getattr(origin, "users", ())) == 1 else None
+        qdq = act_qdq(q, None if layer is None else layer.in_scale * float(layer.scale.min()))
+        if qdq is None:
+            return
+        self._reads(origin, q)
+        here: nn.Module = qdq
+        if pool is not None and layer is not None:
+            _set(self.m, pool.target, Regrid(nn.Sequential(qdq, self.mods[pool.target]), qdq))
+            here = nn.Identity()
+        _set_quantizer(self.m, name, mod, here)
+        self.grid[node], self.sites[node] = qdq, q
+        self.report.acts.append(name)
+
+    def integer_layer(self, name: str, mod: nn.Module, inq: QDQAct) -> _QDQLayer:
+        """The QDQ form of conv / linear `name` reading codes of `inq`."""
+        w = mod.quantized_weight() if isinstance(mod, QConv2d | QLinear) else mod.weight
+        wide, _ = widen(*self.codes[name], code_span(inq.hi))
+        c, s = _rescale(wide, w, name)
+        layer_cls = QDQConv2d if isinstance(mod, nn.Conv2d) else QDQLinear
+        return layer_cls(mod, c, s, inq.out_scale)  # type: ignore[arg-type]
+
+    def layer(self, node: fx.Node, name: str, mod: nn.Module, src: object) -> None:
+        if name not in self.codes:
+            self.report.float_layers[name] = "float weights"
+        elif src in self.grid:
+            new = self.integer_layer(name, mod, self.grid[src])  # type: ignore[index]
+            _set(self.m, name, new)
+            self.layers[node] = new
+        elif self.calib is None:
+            self.report.float_layers[name] = "its input is not quantized"
+        else:
+            self.pending[node] = mod  # an 8-bit input on a calibrated range: requantize_inputs
+
+    def requantize_inputs(self) -> None:
+        """Convs behind an op the QAT model leaves float (ResNet-9's residual add): a uint8
+        Q / DQ on the observed range of their input, then the same integer layer."""
+        if not self.pending:
+            return
+        names = [n.target for n in self.pending]
+        ranges, self.report.calib_images = observe_ranges(self.m, names, self.calib, "input")
+        for node, mod in self.pending.items():
+            name = node.target
+            scale, zp = act_qparams(*ranges[name])
+            inq = QDQAct(float(scale), int(zp), 0, 255)
+            new = self.integer_layer(name, mod, inq)
+            _set(self.m, name, nn.Sequential(inq, new))
+            self.layers[node] = new
+            self.report.requantized_inputs.append(name)
+            reader = _quantizer_reading(node, self.sites, self.mods)
+            if reader is not None:
+                self._reads(node, self.sites[reader])
+
+    def requantize_outputs(self) -> None:
+        """Integer layers whose output no quantizer reads (ResNet's conv before the add): a
+        uint8 Q / DQ on the observed range, clipped to what the quantizer after the add sees."""
+        report = self.report
+        open_nodes = [n for n in self.layers if n not in self.read]
+        report.integer_layers = [n.target for n in self.layers if n in self.read]
+        if not open_nodes or self.calib is None:
+            for node in open_nodes:
+                report.float_layers[node.target] = "its output is not quantized (int8 weights)"
+            return
+        names = [n.target for n in open_nodes]
+        ranges, report.calib_images = observe_ranges(self.m, names, self.calib)
+        for node in open_nodes:
+            lo, hi = ranges[node.target]
+            bound = _add_then_quantizer(node, self.grid, self.mods)
+            if bound is not None:  # beyond these the sum saturates the quantizer anyway
+                lo, hi = lo.clamp(min=bound[0]), hi.clamp(max=bound[1])
+            scale, zp = act_qparams(lo, hi)
+            out = QDQAct(float(scale), int(zp), 0, 255)
+            _set(self.m, node.target, nn.Sequential(self.m.get_submodule(node.target), out))
+            report.requantized.append(node.target)
+        report.integer_layers += report.requantized
 
 
 def _quantizer_reading(
