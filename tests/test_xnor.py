@@ -258,3 +258,190 @@ def test_rejects_non_binary():
     q = QConv2d.from_float(torch.nn.Conv2d(8, 8, 3), TernaryWeight())
     with pytest.raises(TypeError):
         xnor.XnorConv2d.from_qconv(q)
+
+
+# ---------------------------------------------------------------- packed binary network
+# (cin, cout, kernel, stride, padding, groups, batch, size, next groups, shuffle, max pool)
+BIT_CASES = [
+    (192, 160, 1, 1, 0, 1, 2, 16, 1, 0, None),  # NIN 1x1 (pixels-in-lanes kernel)
+    (160, 96, 1, 1, 0, 1, 2, 16, 1, 0, (3, 2, 1)),  # NIN 1x1 -> max pool 3/2/1
+    (96, 192, 5, 1, 2, 1, 1, 8, 1, 0, None),
+    (256, 256, 1, 1, 0, 2, 2, 8, 16, 2, (2, 2, 0)),  # NIN-GC: shuffle, pool, Cg' = 16
+    (256, 512, 3, 1, 1, 16, 2, 8, 4, 16, None),
+    (512, 1024, 3, 1, 1, 32, 1, 4, 8, 32, None),
+    (40, 24, 3, 1, 1, 1, 3, 6, 3, 4, (3, 2, 1)),  # Cg' = 8 (split words), odd pool tails
+    (128, 20, 5, 1, 2, 1, 2, 7, 2, 2, (2, 2, 0)),  # Cg' = 10 (does not divide 64)
+    (64, 200, 3, 2, 1, 1, 2, 9, 1, 5, None),  # Cg' = 200: 4 words, stride 2
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", BIT_CASES, ids=lambda s: "-".join(map(str, s)))
+def test_bit_output_matches_float_path(case, isa):
+    """xnor_conv2d_bits = pack(maxpool(shuffle(xnor_conv2d(...)))) bit for bit, from a float
+    and from a packed input, including exact zeros (bias 0: sign(0) = +1) and unscaled."""
+    cin, cout, k, s, p, groups, batch, size, g2, shuffle, pool = case
+    x, w, b, scale = _case(cin, cout, k, groups, batch, size)
+    b[: cout // 3] = 0.0  # dots of 0 with bias 0: exact zeros
+    pw = xnor.pack_weight(w, groups)
+    perm = xnor.shuffle_permutation(cout, shuffle) if shuffle else torch.empty(0, dtype=torch.long)
+    pk, ps, pp = pool or (0, 1, 0)
+    ext = xnor.extension()
+    for sc in (scale, None):
+        y = xnor.xnor_conv2d(x, pw, sc, b, s, p, groups, isa=isa)
+        if shuffle:
+            y = y.view(batch, shuffle, cout // shuffle, *y.shape[2:]).transpose(1, 2)
+            y = y.reshape(batch, cout, *y.shape[3:])
+        if pool:
+            y = F.max_pool2d(y, pk, ps, pp)
+        ref = xnor.pack_activations(y, g2)
+        for xin in (x, xnor.pack_activations(x, groups)):
+            got = ext.xnor_conv2d_bits(
+                xin,
+                pw.words,
+                pw.tap_popcount,
+                sc,
+                b,
+                cin // groups,
+                cout,
+                k,
+                k,
+                s,
+                s,
+                p,
+                p,
+                xnor.ISAS[isa],
+                perm,
+                g2,
+                pk,
+                ps,
+                pp,
+            )
+            assert torch.equal(got, ref)
+        assert torch.equal(xnor.unpack_bits(ref, cout), sign(y))
+
+
+def test_maxpool_bits():
+    x = torch.randn(2, 70, 7, 9)
+    for k, s, p in ((3, 2, 1), (2, 2, 0), (3, 1, 1)):
+        got = xnor.maxpool_bits(xnor.pack_activations(x, 1), k, s, p)
+        assert torch.equal(got, xnor.pack_activations(F.max_pool2d(x, k, s, p), 1))
+
+
+def _wbab(name, seed):
+    from compress.fuse import fuse_bn_
+    from compress.models import create_from_arch
+    from compress.quant import quantize_
+
+    torch.manual_seed(seed)
+    model = create_from_arch({"name": name, "order": "bacp", "num_classes": 10})
+    quantize_(model, {"weight": {"kind": "binary"}, "act": {"kind": "binary"}})
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    model.eval()
+    fuse_bn_(model)
+    return model
+
+
+@pytest.mark.parametrize("name", ["nin", "nin_gc"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_net_matches_float_output_path(name, seed):
+    """The packed network (binary layers pass bits; shuffle and max pool in bit space) equals the
+    float-output XNOR model bit for bit (and so float64 to fp32 rounding), for every ISA."""
+    import copy
+
+    model = _wbab(name, seed)
+    ref_model = copy.deepcopy(model)
+    xnor.convert_binary_convs_(ref_model)
+    net = copy.deepcopy(model)
+    bits = xnor.convert_binary_net_(net)
+    assert len(bits) == 6  # all binary blocks but the last pass bits
+    assert all(isinstance(net.get_submodule(n), xnor.XnorBitsConv2d) for n in bits)
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in net.modules())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 32, 32, generator=g)
+            ref = ref_model(x)
+            for isa in ISAS:
+                xnor.set_isa_(net, isa)
+                out = net(x)
+                assert torch.equal(out, ref), (isa, batch, (out - ref).abs().max())
+                assert torch.equal(xnor.XnorNet(net)(x), ref)
+        if seed == 0:
+            ref64 = copy.deepcopy(model).double()(x.double())
+            assert torch.allclose(out.double(), ref64, rtol=1e-5, atol=1e-5)
+
+
+def test_binary_net_falls_back_where_bits_cannot_pass():
+    """An unfused BN before a binary block, or an unsupported layer in between, keeps the
+    float-output conv for that block: still exact."""
+    import copy
+
+    model = _wbab("nin", 0)
+    model.features[5].bn = torch.nn.BatchNorm2d(192).eval()  # a BN that was not folded
+    with torch.no_grad():
+        model.features[5].bn.running_mean.uniform_(-0.5, 0.5)
+    model.features[7] = torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+    ref_model = copy.deepcopy(model)
+    xnor.convert_binary_convs_(ref_model)
+    net = copy.deepcopy(model)
+    bits = xnor.convert_binary_net_(net)
+    assert "features.4.conv" not in bits and "features.6.conv" not in bits
+    assert type(net.features[4].conv) is xnor.XnorConv2d
+    assert type(net.features[6].conv) is xnor.XnorConv2d
+    assert isinstance(net.features[7], torch.nn.MaxPool2d)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), ref_model(x))
+
+
+@pytest.mark.parametrize("name", ["nin", "nin_gc"])
+def test_binary_net_fast_options(name):
+    """channels_last (NHWC stem, packed straight from NHWC; kept only where it is bit-identical)
+    is exact; xnor_scaled_convs (the last binary block's BN-folded +-t[o] conv on bits too)
+    is within fp32 rounding of the float-output model and float64."""
+    import copy
+
+    model = _wbab(name, 1)
+    ref_model = copy.deepcopy(model)
+    xnor.convert_binary_convs_(ref_model)
+    fast = copy.deepcopy(model)
+    xnor.convert_binary_net_(fast, channels_last=True)
+    fastest = copy.deepcopy(model)
+    xnor.convert_binary_net_(fastest, channels_last=True, xnor_scaled_convs=True)
+    last = fastest.features[9]
+    assert type(last.conv) is xnor.XnorConv2d and isinstance(last.act, torch.nn.Identity)
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        ref = ref_model(x)
+        ref64 = copy.deepcopy(model).double()(x.double())
+        for isa in ISAS:
+            xnor.set_isa_(fast, isa)
+            xnor.set_isa_(fastest, isa)
+            assert torch.equal(fast(x), ref)
+            out = fastest(x)
+            assert (out - ref).abs().max() <= 1e-6 and torch.equal(out.argmax(1), ref.argmax(1))
+            assert torch.equal(xnor.XnorNet(fastest)(x), out)  # the flat forward: same ops
+            assert torch.allclose(out.double(), ref64, rtol=1e-5, atol=1e-6)
+
+
+def test_nhwc_float_input_and_unpack_layouts():
+    """A channels_last float input is packed without an NCHW copy: same result; unpack_bits
+    to channels_last memory gives the same values."""
+    for cin, groups, k, p in ((192, 1, 1, 0), (100, 2, 3, 1), (256, 16, 3, 1)):
+        x, w, b, scale = _case(cin, 32, k, groups, 2, 7)
+        pw = xnor.pack_weight(w, groups)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        for isa in ISAS:
+            ref = xnor.xnor_conv2d(x, pw, scale, b, 1, p, groups, isa=isa)
+            assert torch.equal(xnor.xnor_conv2d(xc, pw, scale, b, 1, p, groups, isa=isa), ref)
+        bits = xnor.pack_activations(x, groups)
+        cl = xnor.unpack_bits(bits, cin, channels_last=True)
+        assert cl.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(cl, sign(x)) and torch.equal(xnor.unpack_bits(bits, cin), sign(x))

@@ -51,6 +51,16 @@
 //    (padded positions contribute exactly 0, as in the zero-padded fp32 conv), out =
 //    float(dot) (* scale[o]) (+ bias[o]): |dot| < 2^24 is exact in fp32, then one fp32
 //    rounding per operation (built with -ffp-contract=off: no FMA contraction).
+// 5. Packed output (xnor_conv2d_bits; a conv feeding the next binary conv): the epilogue's
+//    fp32 values go to a per-task scratch tile instead of NCHW memory; per 16 pixels, 16-bit
+//    masks of v >= 0 (sign bit of v + 0: sign(+-0) = +1, the very value the float path would
+//    store, so bit-exact) are stored at the DESTINATION channel perm[c] (the next block's
+//    channel shuffle, applied for free), then 64 destination channels' masks are
+//    bit-transposed into 16 pixel words (VPSHUFBITQMB) in the next conv's layout
+//    [N, H, W, G', Wg'] (split into 64 / Cg' groups' words when Cg' < 64 divides 64). A max
+//    pool after the conv runs on bits: OR over the window (padding = 0 bit = -1, the OR
+//    identity; exact since sign is monotone). A channels_last float input (an NHWC stem
+//    output) is packed per pixel without a transpose; unpack_bits gives +-1 floats back.
 // The cost floor of the AVX-512 kernel is 3 vector uops (XOR, VPOPCNTQ, VPADDQ) per 8 words
 // of one output channel block, on the two 512-bit vector ALU ports: ~1.5 cycles per 512
 // bit-MACs.
@@ -480,6 +490,76 @@ void pack_into(const float* src, int64_t N, int64_t C, int64_t H, int64_t W, int
   pack_scalar(src, N, C, H, W, G, d);
 }
 
+// float NHWC (channels_last) -> packed words: the 64 channels of a word are contiguous floats
+// of one pixel (no transpose: 4 x VPMOVD2M of 16 channels). Every interior word is written.
+void pack_nhwc_scalar(const float* src, int64_t N, int64_t C, int64_t H, int64_t W, int64_t G,
+                      const PackDst& d) {
+  const int64_t Cg = C / G, Wg = (Cg + 63) / 64;
+  at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / H, h = r % H;
+      for (int64_t w = 0; w < W; ++w) {
+        const float* px = src + ((n * H + h) * W + w) * C;
+        u64* o = d.at(n, h, w);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t q = 0; q < Wg; ++q) {
+            const int64_t c0 = g * Cg + q * 64, nc = std::min<int64_t>(64, Cg - q * 64);
+            u64 word = 0;
+            for (int64_t c = 0; c < nc; ++c) word |= static_cast<u64>(sign_bit(px[c0 + c])) << c;
+            o[g * d.gs + q * d.qs] = word;
+          }
+      }
+    }
+  });
+}
+
+#if XNOR_X86
+// rows [r0, r1) of N * H (a lambda does not inherit the target attribute: a function per range)
+__attribute__((target("avx512f,avx512dq"))) void pack_nhwc_rows_avx512(
+    const float* src, int64_t C, int64_t H, int64_t W, int64_t G, const PackDst& d, int64_t r0,
+    int64_t r1) {
+  const int64_t Cg = C / G, Wg = (Cg + 63) / 64;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / H, h = r % H;
+    for (int64_t w = 0; w < W; ++w) {
+      const float* px = src + ((n * H + h) * W + w) * C;
+      u64* o = d.at(n, h, w);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t q = 0; q < Wg; ++q) {
+          const int64_t c0 = g * Cg + q * 64, nc = std::min<int64_t>(64, Cg - q * 64);
+          u64 word = 0;
+          for (int j = 0; j < 4 && j * 16 < nc; ++j) {
+            const int64_t left = nc - j * 16;
+            const __mmask16 lm =
+                left >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+            const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, px + c0 + j * 16), zero);
+            const __mmask16 pos = static_cast<__mmask16>(
+                ~_mm512_movepi32_mask(_mm512_castps_si512(v)) & lm);
+            word |= static_cast<u64>(pos) << (16 * j);
+          }
+          o[g * d.gs + q * d.qs] = word;
+        }
+    }
+  }
+}
+
+void pack_nhwc_avx512(const float* src, int64_t N, int64_t C, int64_t H, int64_t W, int64_t G,
+                      const PackDst& d) {
+  at::parallel_for(0, N * H, 1, [&](int64_t b, int64_t e) {
+    pack_nhwc_rows_avx512(src, C, H, W, G, d, b, e);
+  });
+}
+#endif
+
+void pack_nhwc_into(const float* src, int64_t N, int64_t C, int64_t H, int64_t W, int64_t G,
+                    const PackDst& d, int isa) {
+#if XNOR_X86
+  if (isa == AVX512 && fast_pack_supported()) return pack_nhwc_avx512(src, N, C, H, W, G, d);
+#endif
+  pack_nhwc_scalar(src, N, C, H, W, G, d);
+}
+
 // ---------------------------------------------------------------- epilogue
 // The int32 count tile [PB pixels][ldc channels] of a task -> out[c * plane + i] (NCHW) for
 // c < Og, i < np.
@@ -649,6 +729,161 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void conv1x1_plane_avx512(
 }
 #endif
 
+// ---------------------------------------------------------------- packed (bit) output
+// The output of a conv that feeds the next binary conv (through an optional max pool and
+// channel shuffle) as sign bits in that conv's packed activation layout [N, H, W, G2, Wg2]:
+// out_bit = sign_bit(v) of the very fp32 value v the float epilogue computes (the float path
+// would store v, max-pool it and pack sign(v)): each task's epilogue writes its floats into a
+// scratch tile [O][ldp] (ldp pixels per channel), then, per 16 pixels, 16-bit masks of
+// v >= 0 (sign bit of v + 0) are stored at the DESTINATION channel perm[c] (the shuffle is a
+// permutation of the channels; applying it here is free), and 64 destination channels' masks
+// are bit-transposed into 16 pixel words (VPSHUFBITQMB, as in the packer; scalar otherwise).
+struct BitOut {
+  const int64_t* perm;  // destination channel of output channel c, or null (identity)
+  int64_t G2, Cg2, Wg2;
+  u64* out;             // [N, OH, OW, G2 * Wg2] (before pooling)
+};
+
+// chunks of 64 destination channels: one word of one group, or (Cg2 < 64 dividing 64) the
+// words of 64 / Cg2 consecutive groups (split after the transpose), as in pack_avx512_rows
+struct Chunking {
+  bool split;
+  int64_t n, C;
+  Chunking(const BitOut& b) {
+    C = b.G2 * b.Cg2;
+    split = b.Wg2 == 1 && b.Cg2 < 64 && 64 % b.Cg2 == 0;
+    n = split ? (C + 63) / 64 : b.G2 * b.Wg2;
+  }
+  void get(const BitOut& b, int64_t chunk, int64_t& c0, int64_t& nc, int64_t& g,
+           int64_t& q) const {
+    if (split) {
+      c0 = chunk * 64, nc = std::min<int64_t>(64, C - c0), g = c0 / b.Cg2, q = 0;
+    } else {
+      g = chunk / b.Wg2, q = chunk % b.Wg2;
+      c0 = g * b.Cg2 + q * 64, nc = std::min<int64_t>(64, b.Cg2 - q * 64);
+    }
+  }
+};
+
+inline void store_chunk_words(const BitOut& b, const Chunking& ch, const u64* words, int nw,
+                              int64_t nc, int64_t g, int64_t q, u64* row) {
+  // row = out + pixel0 * G2 Wg2; word w of pixel w
+  const int64_t GW2 = b.G2 * b.Wg2;
+  if (!ch.split) {
+    for (int w = 0; w < nw; ++w) row[w * GW2 + g * b.Wg2 + q] = words[w];
+  } else {
+    const int64_t ng = nc / b.Cg2;
+    const u64 gm = (u64(1) << b.Cg2) - 1;
+    for (int w = 0; w < nw; ++w)
+      for (int64_t j = 0; j < ng; ++j) row[w * GW2 + g + j] = (words[w] >> (j * b.Cg2)) & gm;
+  }
+}
+
+// sf: floats [O][ldp] of np pixels; M: scratch uint16 [O2]; writes pixels [0, np) at row
+void emit_bits_scalar(const float* sf, int64_t ldp, int np, int64_t O, const BitOut& b,
+                      uint16_t* M, u64* row) {
+  const Chunking ch(b);
+  const int64_t GW2 = b.G2 * b.Wg2;
+  for (int h0 = 0; h0 < np; h0 += 16) {
+    const int nh = std::min(16, np - h0);
+    for (int64_t c = 0; c < O; ++c) {
+      const float* v = sf + c * ldp + h0;
+      uint32_t m = 0;
+      for (int i = 0; i < nh; ++i) m |= sign_bit(v[i]) << i;
+      M[b.perm ? b.perm[c] : c] = static_cast<uint16_t>(m);
+    }
+    u64 words[16];
+    for (int64_t k = 0; k < ch.n; ++k) {
+      int64_t c0, nc, g, q;
+      ch.get(b, k, c0, nc, g, q);
+      for (int i = 0; i < nh; ++i) {
+        u64 w = 0;
+        for (int64_t c = 0; c < nc; ++c) w |= static_cast<u64>((M[c0 + c] >> i) & 1) << c;
+        words[i] = w;
+      }
+      store_chunk_words(b, ch, words, nh, nc, g, q, row + h0 * GW2);
+    }
+  }
+}
+
+#if XNOR_X86
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512bitalg"))) void emit_bits_avx512(
+    const float* sf, int64_t ldp, int np, int64_t O, const BitOut& b, uint16_t* M, u64* row) {
+  const Chunking ch(b);
+  const int64_t GW2 = b.G2 * b.Wg2;
+  __m512i ctrl[8];
+  for (int w = 0; w < 8; ++w)
+    ctrl[w] = _mm512_set1_epi64(
+        static_cast<long long>(0x3830282018100800ULL + 0x0101010101010101ULL * w));
+  const __m512 zero = _mm512_setzero_ps();
+  alignas(64) uint16_t tmp[64];
+  for (int h0 = 0; h0 < np; h0 += 16) {
+    const int nh = std::min(16, np - h0);
+    const __mmask16 pm = static_cast<__mmask16>((1u << nh) - 1);
+    for (int64_t c = 0; c < O; ++c) {
+      const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(pm, sf + c * ldp + h0), zero);
+      const uint16_t m = static_cast<uint16_t>(~_mm512_movepi32_mask(_mm512_castps_si512(v)));
+      M[b.perm ? b.perm[c] : c] = m;  // lanes past nh are never read below
+    }
+    u64 words[16];
+    for (int64_t k = 0; k < ch.n; ++k) {
+      int64_t c0, nc, g, q;
+      ch.get(b, k, c0, nc, g, q);
+      const uint16_t* m = M + c0;
+      if (nc < 64) {
+        std::memset(tmp, 0, sizeof(tmp));
+        std::memcpy(tmp, m, nc * sizeof(uint16_t));
+        m = tmp;
+      }
+      const __m512i m0 = _mm512_loadu_si512(m), m1 = _mm512_loadu_si512(m + 32);
+      const __m512i lo = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm512_cvtepi16_epi8(m0)), _mm512_cvtepi16_epi8(m1), 1);
+      const __m512i hi = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_srli_epi16(m0, 8))),
+          _mm512_cvtepi16_epi8(_mm512_srli_epi16(m1, 8)), 1);
+      for (int w = 0; w < nh; ++w)
+        words[w] = _mm512_bitshuffle_epi64_mask(w < 8 ? lo : hi, ctrl[w & 7]);
+      store_chunk_words(b, ch, words, nh, nc, g, q, row + h0 * GW2);
+    }
+  }
+}
+#endif
+
+void emit_bits(const float* sf, int64_t ldp, int np, int64_t O, const BitOut& b, uint16_t* M,
+               u64* row, int isa);
+
+// max pool of packed +-1 bits: OR over the window (padding = 0 bits = -1, the OR identity,
+// as a -inf padded float max pool followed by sign). in [N, H, W, GW] -> [N, PH, PW, GW]
+void pool_bits_into(const u64* in, int64_t N, int64_t H, int64_t W, int64_t GW, int64_t k,
+                    int64_t s, int64_t p, u64* out, int64_t PH, int64_t PW) {
+  at::parallel_for(0, N * PH, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / PH, oh = r % PH;
+      const int64_t h0 = std::max<int64_t>(0, oh * s - p), h1 = std::min(H, oh * s - p + k);
+      for (int64_t ow = 0; ow < PW; ++ow) {
+        const int64_t w0 = std::max<int64_t>(0, ow * s - p), w1 = std::min(W, ow * s - p + k);
+        u64* o = out + ((n * PH + oh) * PW + ow) * GW;
+        std::fill(o, o + GW, 0);
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t w = w0; w < w1; ++w) {
+            const u64* src = in + ((n * H + h) * W + w) * GW;
+            for (int64_t j = 0; j < GW; ++j) o[j] |= src[j];
+          }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+namespace {
+void emit_bits(const float* sf, int64_t ldp, int np, int64_t O, const BitOut& b, uint16_t* M,
+               u64* row, int isa) {
+#if XNOR_X86
+  if (isa == AVX512 && fast_pack_supported()) return emit_bits_avx512(sf, ldp, np, O, b, M, row);
+#endif
+  emit_bits_scalar(sf, ldp, np, O, b, M, row);
+}
 }  // namespace
 
 // ---------------------------------------------------------------- packing
@@ -702,10 +937,13 @@ std::vector<torch::Tensor> pack_weight(torch::Tensor w, int64_t groups) {
 
 // ---------------------------------------------------------------- convolution
 // x: float [N, C, H, W] (its sign is taken) or int64 [N, H, W, G, Wg] from pack_activations.
-torch::Tensor xnor_conv2d(torch::Tensor x, torch::Tensor wp, torch::Tensor tap_pop,
-                          c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> bias,
-                          int64_t Cg, int64_t O, int64_t KH, int64_t KW, int64_t sh, int64_t sw,
-                          int64_t ph, int64_t pw, int64_t isa_arg) {
+// bits == null: float NCHW output; else sign bits into bits->out ([N, OH, OW, G2 Wg2], before
+// any pooling), returned tensor undefined.
+torch::Tensor conv_core(torch::Tensor x, torch::Tensor wp, torch::Tensor tap_pop,
+                        const c10::optional<torch::Tensor>& scale,
+                        const c10::optional<torch::Tensor>& bias, int64_t Cg, int64_t O,
+                        int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                        int64_t isa_arg, BitOut* bits, int64_t* out_hw) {
   TORCH_CHECK(wp.dim() == 4 && wp.scalar_type() == torch::kInt64 && wp.size(3) == LANES,
               "xnor: packed weight must be int64 [G, OB, Kw, 8]");
   wp = wp.contiguous();
@@ -732,7 +970,10 @@ torch::Tensor xnor_conv2d(torch::Tensor x, torch::Tensor wp, torch::Tensor tap_p
                 " channels, the weight expects ", Cg, " x ", G, " groups");
     N = x.size(0), H = x.size(2), W = x.size(3);
   }
-  x = x.contiguous();
+  // a channels_last float input is packed as it is (no NCHW copy)
+  const bool nhwc_in = !packed_in && !x.is_contiguous() &&
+                       x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (!nhwc_in) x = x.contiguous();
   const int64_t OH = (H + 2 * ph - KH) / sh + 1, OW = (W + 2 * pw - KW) / sw + 1;
   TORCH_CHECK(OH > 0 && OW > 0 && ph >= 0 && pw >= 0 && sh > 0 && sw > 0,
               "xnor: output would be empty");
@@ -770,7 +1011,7 @@ torch::Tensor xnor_conv2d(torch::Tensor x, torch::Tensor wp, torch::Tensor tap_p
     const size_t len = static_cast<size_t>(N * Hp * Wp * GW);
     pad_buf.reset(new u64[len]);
     // the fast packer writes every interior word: zeroing is needed for padding only
-    const bool full_write = !packed_in && isa == AVX512 && fast_pack_supported();
+    const bool full_write = !packed_in && (nhwc_in || (isa == AVX512 && fast_pack_supported()));
     if (!full_write || ph || pw) std::memset(pad_buf.get(), 0, len * sizeof(u64));
     PackDst d{pad_buf.get(), Hp, Wp, ph, pw, ps, gs, qs};
     if (packed_in) {
@@ -780,27 +1021,44 @@ torch::Tensor xnor_conv2d(torch::Tensor x, torch::Tensor wp, torch::Tensor tap_p
           for (int64_t g = 0; g < G; ++g)
             for (int64_t q = 0; q < Wg; ++q)
               d.at(r / H, r % H, w)[g * gs + q * qs] = s[(r * W + w) * GW + g * Wg + q];
+    } else if (nhwc_in) {
+      pack_nhwc_into(x.data_ptr<float>(), N, G * Cg, H, W, G, d, isa);
     } else {
       pack_into(x.data_ptr<float>(), N, G * Cg, H, W, G, d, isa);
     }
     X = pad_buf.get();
   }
 
-  auto out = torch::empty({N, O, OH, OW}, torch::kFloat32);
-  float* op = out.data_ptr<float>();
+  if (out_hw) out_hw[0] = OH, out_hw[1] = OW;
+  torch::Tensor out;
+  float* op = nullptr;
+  if (!bits) {
+    out = torch::empty({N, O, OH, OW}, torch::kFloat32);
+    op = out.data_ptr<float>();
+  } else {
+    TORCH_CHECK(bits->G2 * bits->Cg2 == O, "xnor: bit output channels do not match O=", O);
+  }
   const u64* Wt = reinterpret_cast<const u64*>(wp.data_ptr<int64_t>());
   const int64_t plane = OH * OW;
+  const int64_t GW2 = bits ? bits->G2 * bits->Wg2 : 0;
 #if XNOR_X86
   if (plane1x1) {  // tasks of 32 pixels of one image, all groups and channels
     const int64_t nb32 = (plane + 31) / 32;
     at::parallel_for(0, N * nb32, 1, [&](int64_t tb, int64_t te) {
+      std::vector<float> sf(bits ? O * 32 : 0);
+      std::vector<uint16_t> M(bits ? O : 0);
       for (int64_t task = tb; task < te; ++task) {
         const int64_t n = task / nb32, p0 = (task % nb32) * 32;
         const int np = static_cast<int>(std::min<int64_t>(32, plane - p0));
         for (int64_t g = 0; g < G; ++g)
           conv1x1_plane_avx512(X + g * gs + n * plane + p0, qs, Wt + g * OB * Kw * LANES, Kw,
                                Og, Cg, sc ? sc + g * Og : nullptr, bi ? bi + g * Og : nullptr,
-                               np, op + (n * O + g * Og) * plane + p0, plane);
+                               np,
+                               bits ? sf.data() + g * Og * 32 : op + (n * O + g * Og) * plane + p0,
+                               bits ? 32 : plane);
+        if (bits)
+          emit_bits(sf.data(), 32, np, O, *bits, M.data(), bits->out + (n * plane + p0) * GW2,
+                    isa);
       }
     });
     return out;
@@ -841,6 +1099,8 @@ torch::Tensor xnor_conv2d(torch::Tensor x, torch::Tensor wp, torch::Tensor tap_p
   at::parallel_for(0, N * nblk, 1, [&](int64_t tb, int64_t te) {
     std::vector<int32_t> tile(PB * Ogp, 0);
     std::vector<u64> patch(direct ? 0 : PB * pstride);
+    std::vector<float> sf(bits ? O * PB : 0);
+    std::vector<uint16_t> M(bits ? O : 0);
     const u64* base[PB];
     const u64* rows[PB];
     u64 mask[PB];
@@ -892,15 +1152,136 @@ torch::Tensor xnor_conv2d(torch::Tensor x, torch::Tensor wp, torch::Tensor tap_p
         }
         Epi e{tp + g * T * Ogp, sc ? sc + g * Og : nullptr, bi ? bi + g * Og : nullptr,
               Og, Ogp, T, Cg, full};
-        float* o = op + (n * O + g * Og) * plane + p0;
+        float* o = bits ? sf.data() + g * Og * PB : op + (n * O + g * Og) * plane + p0;
+        const int64_t ostride = bits ? PB : plane;
 #if XNOR_X86
         if (isa == AVX512) {
-          epilogue_avx512(tile.data(), mask, kv, np, e, o, plane);
+          epilogue_avx512(tile.data(), mask, kv, np, e, o, ostride);
           continue;
         }
 #endif
-        epilogue_scalar(tile.data(), mask, np, e, o, plane);
+        epilogue_scalar(tile.data(), mask, np, e, o, ostride);
       }
+      if (bits)
+        emit_bits(sf.data(), PB, np, O, *bits, M.data(), bits->out + (n * plane + p0) * GW2,
+                  isa);
+    }
+  });
+  return out;
+}
+
+torch::Tensor xnor_conv2d(torch::Tensor x, torch::Tensor wp, torch::Tensor tap_pop,
+                          c10::optional<torch::Tensor> scale, c10::optional<torch::Tensor> bias,
+                          int64_t Cg, int64_t O, int64_t KH, int64_t KW, int64_t sh, int64_t sw,
+                          int64_t ph, int64_t pw, int64_t isa_arg) {
+  return conv_core(x, wp, tap_pop, scale, bias, Cg, O, KH, KW, sh, sw, ph, pw, isa_arg, nullptr,
+                   nullptr);
+}
+
+int64_t pooled_size(int64_t n, int64_t k, int64_t s, int64_t p) { return (n + 2 * p - k) / s + 1; }
+
+// The same conv, output as the packed sign bits of (dot * scale + bias) in the activation
+// layout of the NEXT binary conv: int64 [N, PH, PW, out_groups, ceil(O / out_groups / 64)],
+// output channel c at channel perm[c] (a channel shuffle before the next conv; empty tensor:
+// identity), max-pooled (kernel pool_k > 0, stride pool_s, padding pool_p; OR of bits).
+torch::Tensor xnor_conv2d_bits(torch::Tensor x, torch::Tensor wp, torch::Tensor tap_pop,
+                               c10::optional<torch::Tensor> scale,
+                               c10::optional<torch::Tensor> bias, int64_t Cg, int64_t O,
+                               int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
+                               int64_t pw, int64_t isa_arg, torch::Tensor perm,
+                               int64_t out_groups, int64_t pool_k, int64_t pool_s,
+                               int64_t pool_p) {
+  TORCH_CHECK(out_groups >= 1 && O % out_groups == 0, "xnor: O not divisible by out_groups");
+  const int64_t G2 = out_groups, Cg2 = O / G2, Wg2 = (Cg2 + 63) / 64, GW2 = G2 * Wg2;
+  torch::Tensor perm_c;
+  const int64_t* pp = nullptr;
+  if (perm.defined() && perm.numel() > 0) {
+    TORCH_CHECK(perm.numel() == O && perm.scalar_type() == torch::kInt64, "xnor: perm");
+    perm_c = perm.contiguous();
+    pp = perm_c.data_ptr<int64_t>();
+    std::vector<char> seen(O, 0);
+    for (int64_t c = 0; c < O; ++c) {
+      TORCH_CHECK(pp[c] >= 0 && pp[c] < O && !seen[pp[c]], "xnor: perm is not a permutation");
+      seen[pp[c]] = 1;
+    }
+  }
+  // output size first (the checks of the core run again, cheaply)
+  int64_t N, H, W;
+  if (x.scalar_type() == torch::kInt64) {
+    TORCH_CHECK(x.dim() == 5, "xnor: packed activations must be 5-d");
+    N = x.size(0), H = x.size(1), W = x.size(2);
+  } else {
+    TORCH_CHECK(x.dim() == 4, "xnor: activations must be NCHW");
+    N = x.size(0), H = x.size(2), W = x.size(3);
+  }
+  const int64_t OH = (H + 2 * ph - KH) / sh + 1, OW = (W + 2 * pw - KW) / sw + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "xnor: output would be empty");
+  const bool pool = pool_k > 0;
+  if (pool)
+    TORCH_CHECK(pool_s > 0 && pool_p >= 0 && 2 * pool_p <= pool_k &&
+                    pooled_size(OH, pool_k, pool_s, pool_p) > 0 &&
+                    pooled_size(OW, pool_k, pool_s, pool_p) > 0,
+                "xnor: bad max pool");
+  auto unpooled = torch::empty({N, OH, OW, G2, Wg2}, torch::kInt64);
+  BitOut b{pp, G2, Cg2, Wg2, reinterpret_cast<u64*>(unpooled.data_ptr<int64_t>())};
+  conv_core(x, wp, tap_pop, scale, bias, Cg, O, KH, KW, sh, sw, ph, pw, isa_arg, &b, nullptr);
+  if (!pool) return unpooled;
+  const int64_t PH = pooled_size(OH, pool_k, pool_s, pool_p);
+  const int64_t PW = pooled_size(OW, pool_k, pool_s, pool_p);
+  auto out = torch::empty({N, PH, PW, G2, Wg2}, torch::kInt64);
+  pool_bits_into(b.out, N, OH, OW, GW2, pool_k, pool_s, pool_p,
+                 reinterpret_cast<u64*>(out.data_ptr<int64_t>()), PH, PW);
+  return out;
+}
+
+// max pool in bit space of packed activations [N, H, W, G, Wg]
+torch::Tensor maxpool_bits(torch::Tensor x, int64_t k, int64_t s, int64_t p) {
+  TORCH_CHECK(x.dim() == 5 && x.scalar_type() == torch::kInt64, "xnor: packed activations");
+  TORCH_CHECK(k > 0 && s > 0 && p >= 0 && 2 * p <= k, "xnor: bad max pool");
+  x = x.contiguous();
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), GW = x.size(3) * x.size(4);
+  const int64_t PH = pooled_size(H, k, s, p), PW = pooled_size(W, k, s, p);
+  TORCH_CHECK(PH > 0 && PW > 0, "xnor: max pool output would be empty");
+  auto out = torch::empty({N, PH, PW, x.size(3), x.size(4)}, torch::kInt64);
+  pool_bits_into(reinterpret_cast<const u64*>(x.data_ptr<int64_t>()), N, H, W, GW, k, s, p,
+                 reinterpret_cast<u64*>(out.data_ptr<int64_t>()), PH, PW);
+  return out;
+}
+
+// packed [N, H, W, G, Wg] -> float +-1 NCHW with C = G * Cg channels (exactly sign(x))
+torch::Tensor unpack_bits(torch::Tensor x, int64_t C, bool channels_last) {
+  TORCH_CHECK(x.dim() == 5 && x.scalar_type() == torch::kInt64, "xnor: packed activations");
+  x = x.contiguous();
+  const int64_t N = x.size(0), H = x.size(1), W = x.size(2), G = x.size(3), Wg = x.size(4);
+  TORCH_CHECK(C % G == 0 && (C / G + 63) / 64 == Wg, "xnor: C does not match the packing");
+  const int64_t Cg = C / G, HW = H * W;
+  const u64* s = reinterpret_cast<const u64*>(x.data_ptr<int64_t>());
+  if (channels_last) {  // NHWC memory: one pixel's bits -> its C contiguous floats
+    auto out = torch::empty({N, C, H, W},
+                            torch::TensorOptions().dtype(torch::kFloat32).memory_format(
+                                at::MemoryFormat::ChannelsLast));
+    float* o = out.data_ptr<float>();
+    at::parallel_for(0, N * HW, 16, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const u64* src = s + r * G * Wg;
+        float* dst = o + r * C;
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t cc = 0; cc < Cg; ++cc)
+            dst[g * Cg + cc] = ((src[g * Wg + cc / 64] >> (cc % 64)) & 1) ? 1.0f : -1.0f;
+      }
+    });
+    return out;
+  }
+  auto out = torch::empty({N, C, H, W}, torch::kFloat32);
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t n = r / C, c = r % C, g = c / Cg, cc = c % Cg;
+      const u64* src = s + n * HW * G * Wg + g * Wg + cc / 64;
+      const int bit = static_cast<int>(cc % 64);
+      float* dst = o + r * HW;
+      for (int64_t i = 0; i < HW; ++i)
+        dst[i] = ((src[i * G * Wg] >> bit) & 1) ? 1.0f : -1.0f;
     }
   });
   return out;
@@ -913,6 +1294,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_weight", &pack_weight,
         "sign bits of [O, Cg, KH, KW] -> (words [G, OB, Kw, 8], tap popcounts [G, T, Ogp])");
   m.def("xnor_conv2d", &xnor_conv2d, "XNOR + popcount conv on packed bits");
+  m.def("xnor_conv2d_bits", &xnor_conv2d_bits,
+        "XNOR conv with packed sign-bit output (shuffle permutation, bit max pool)");
+  m.def("maxpool_bits", &maxpool_bits, "max pool of packed +-1 activations (OR of bits)");
+  m.def("unpack_bits", &unpack_bits, "packed [N, H, W, G, Wg] -> float +-1 NCHW",
+        py::arg("x"), py::arg("channels"), py::arg("channels_last") = false);
   m.def("best_isa", &best_isa, "the instruction set chosen at run time");
   m.def("detect_isa", &detect_isa, "0 scalar, 1 avx2, 2 avx512_vpopcntdq");
 }
