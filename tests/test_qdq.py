@@ -276,6 +276,22 @@ def test_openvino_runs_the_integer_model_in_int8(entry, tmp_path):
     assert "OpenVINO conv / linear layers by precision: f32 2, int8 7" in out
 
 
+def test_ncnn_runs_the_integer_convs_in_int8(entry, tmp_path):
+    pytest.importorskip("ncnn")
+    pytest.importorskip("pnnx")
+    ckpt = _train_qat(tmp_path, "nin", W4A4P, "w4a4p", [16] * 8)
+    out_dir = tmp_path / "ncnn"
+    code, out, err = entry("export.py", f"ckpt={ckpt}", "format=ncnn", run_dir=out_dir)
+    assert code == 0, err
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert m["int8"] is True and m["runtime"] == "ncnn" and m["top1_agreement"] >= 99.0
+    assert m["ncnn_int8_layers"] == 7 and len(m["ncnn_fp32_layers"]) == 2
+    assert "8=2" in (out_dir / "model.ncnn.param").read_text()  # int8_scale_term
+    for b in (1, 64):
+        assert m[f"latency_ms_bs{b}_int8"] > 0 and m[f"speedup_bs{b}_int8_vs_fp32"] > 0
+    assert "int8 ncnn (pnnx)" in out and "ncnn int8 layers: 7" in out
+
+
 def test_binary_checkpoint_exports_both_ways(entry, tmp_path):
     """wbab (bacp): the integer model, and the float graph (the sign through `where`)."""
     ckpt = _train_qat(tmp_path, "nin", WBAB, "wbab", [16] * 8)

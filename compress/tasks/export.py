@@ -12,7 +12,8 @@ fake-quant float graph instead; `int8=true` refuses a model that has no integer 
 format=onnx: `model.onnx`, run in ONNX Runtime. format=openvino: `model.xml` + `model.bin`
 (OpenVINO IR converted from the same `model.onnx`), run by OpenVINO's CPU plugin in f32.
 format=ncnn: `model.ncnn.param` + `model.ncnn.bin` (pnnx, from the ONNX graph; the ONNX file
-itself is not kept), run by ncnn one image at a time."""
+itself is not kept), run by ncnn one image at a time; a QAT model's integer convs become ncnn
+int8 layers (compress.deploy.ncnn_export.export_ncnn_int8)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from compress.cli import write_json
 from compress.deploy.ncnn_export import (
     PARAM,
     export_ncnn,
+    export_ncnn_int8,
     load_net,
     ncnn_bytes,
     ncnn_latency_ms,
@@ -178,10 +180,19 @@ def runtime_checked(
         got, _ = ov_logits(loaded, loader)
         layers = {"openvino_layer_precisions": int8_layers(loaded)}
     else:
-        path = export_ncnn(model, run_dir / PARAM, data.image_shape, name, opset, dynamo)
+        layers = {}
+        if cfg.get("_int8"):  # the integer convs as ncnn int8 layers, the rest fp32
+            path, done = export_ncnn_int8(
+                model, run_dir / PARAM, data.image_shape, name, opset, dynamo
+            )
+            layers = {
+                "ncnn_int8_layers": len(done["int8_layers"]),
+                "ncnn_fp32_layers": done["fp32_layers"],
+            }
+        else:
+            path = export_ncnn(model, run_dir / PARAM, data.image_shape, name, opset, dynamo)
         loaded, timer, size = load_net(path), ncnn_latency_ms, ncnn_bytes(path)
         got, _ = ncnn_logits(loaded, loader)
-        layers = {}
     metrics = {
         **agreement(torch_logits, got),
         "test_acc_torch": accuracy(torch_logits, labels),
@@ -238,16 +249,9 @@ def integer_model(
     choice, fmt = int8_choice(cfg), cfg.get("format", "onnx")
     if not is_quantized(state.get("quant")) or choice is False:
         return None, {"int8": False}
-    if fmt == "ncnn":
-        if choice is True:
-            raise ConfigError(
-                "int8=true: format=ncnn takes the fake-quant float graph (ncnn's own int8 needs "
-                "its calibration table); use format=onnx or format=openvino for the integer model"
-            )
-        return None, {"int8": False, "int8_skipped": "format=ncnn runs the float graph"}
     n = requant_batches(cfg)
     calib = None
-    if n:
+    if n and fmt != "ncnn":  # ncnn: an added 8-bit range would stay fp32 there anyway
         loader = calibration_loader(data, n, REQUANT_BATCH_SIZE, int(cfg.get("seed", 0)))
         calib = (x for x, _ in loader)
     try:
@@ -325,6 +329,8 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
 def fp32_session(model: torch.nn.Module, data: Any, run_dir: Path, cfg: dict[str, Any]) -> Any:
     """`model` exported to `model_fp32.onnx` and loaded in the runtime of `cfg["format"]`."""
     opset, dynamo = int(cfg.get("opset", DEFAULT_OPSET)), bool(cfg.get("dynamo", True))
+    if cfg.get("format", "onnx") == "ncnn":
+        return load_net(export_ncnn(model, run_dir / "model_fp32.ncnn.param", data.image_shape))
     path = export_onnx(model, run_dir / "model_fp32.onnx", data.image_shape, opset, dynamo)
     if cfg.get("format", "onnx") == "openvino":
         return compile_cpu(export_openvino(path, run_dir / "model_fp32.xml"))
@@ -352,7 +358,8 @@ def table(m: dict[str, Any]) -> str:
         )
     else:
         head = (
-            f"{m['model']} ({m['quant']}) -> ncnn (pnnx), {m['ncnn_bytes']} bytes: "
+            f"{m['model']} ({m['quant']}) -> {'int8 ' if int8 else ''}ncnn (pnnx), "
+            f"{m['ncnn_bytes']} bytes: "
             f"{m['model_file']}"
         )
     lines = [head]
@@ -374,6 +381,9 @@ def table(m: dict[str, Any]) -> str:
         if "kernels" in m:
             counts = ", ".join(f"{k} {v}" for k, v in m["kernels"].items() if "Conv" in k)
             lines.append(f"ORT kernels after its graph optimizations: {counts}")
+        if "ncnn_int8_layers" in m:
+            fp32 = ", ".join(f"{k} ({v})" for k, v in m["ncnn_fp32_layers"].items()) or "none"
+            lines.append(f"ncnn int8 layers: {m['ncnn_int8_layers']}, fp32: {fp32}")
         if "openvino_layer_precisions" in m:
             counts = ", ".join(f"{k} {v}" for k, v in m["openvino_layer_precisions"].items())
             lines.append(f"OpenVINO conv / linear layers by precision: {counts}")
