@@ -122,8 +122,9 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             )
         if kind == "calibrate":
             validate_calib({**calibrate_task.CALIB_DEFAULTS, **(spec.get("calib") or {})})
-        if kind == "export":
+        if kind == "export":  # everything export.py checks before loading, before any training
             check_choice(f"schedule.stages[{i}].format", spec.get("format", "onnx"), BUILT)
+            export_task.check_common({**spec, "device": "cpu"}, BUILT)
             export_task.int8_choice(spec)
             export_task.requant_batches(spec)
         groups = {k: spec.pop(k) for k in (*GROUP_KEYS, *TOP_KEYS) if k in spec}

@@ -13,9 +13,11 @@ post-training quantization).
 - every conv / linear whose weight is quantized and whose input is such an integer tensor is a
   `QDQConv2d` / `QDQLinear`: an int8 weight initializer with one scale per output channel (BN's
   scale folded in) and an int32 bias at scale input_scale * weight_scale, which is what the
-  integer kernels need. Low-bit codes are widened (exactly) to make that bias step finer, within
-  what AVX2's saturating int16 pair sums allow (`code_span`). Before a sign the bias is floored,
-  which makes the sign exact;
+  integer kernels need. Low-bit codes are widened (exactly) to make that bias step finer, as far
+  as AVX2's saturating int16 pair sums allow for the input's codes (`code_span`; codes that are
+  wide already, int8 or 7-bit weights, are not narrowed: behind 8-bit activations an AVX2 CPU
+  without VNNI can saturate them, as with any u8s8 int8 model). Before a sign the bias is
+  floored, which makes the sign exact;
 - a max pool or a channel shuffle between a quantizer and its conv moves integer codes (a Q / DQ
   pair with the same parameters after it), so the conv after it still reads DQ; conv -> max pool
   -> quantizer becomes conv -> quantizer -> max pool (equal: the quantizer is monotone);
@@ -136,12 +138,18 @@ class _QDQLayer(nn.Module):
     bias_codes: torch.Tensor | None
 
     def _init_codes(
-        self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, in_scale: float
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        in_scale: float,
+        name: str,
     ) -> None:
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", torch.zeros(len(scale), dtype=torch.int64))
         self.in_scale = float(in_scale)
+        self.name = name
         self.float_bias = None if bias is None else bias.detach().double().clone()
         self.register_buffer("bias_codes", None)
         self.set_bias_rounding(torch.round)
@@ -153,6 +161,14 @@ class _QDQLayer(nn.Module):
         if self.float_bias is None:
             return
         b = rounding(self.float_bias / (self.in_scale * self.scale.double()))
+        over = b.abs() > INT32[1]
+        if over.any() and rounding is not torch.floor:  # before a sign, saturation is exact
+            c = int(over.nonzero()[0])
+            raise QDQError(
+                f"{self.name}: output channel {c}'s bias is {float(b[c]):.3g} int32 steps (its "
+                "folded weight scale is near zero, e.g. a BN gamma of ~0): prune the channel "
+                "or export with int8=false"
+            )
         self.bias_codes = b.clamp(*INT32).to(torch.int32)
 
     def weight(self) -> torch.Tensor:
@@ -177,13 +193,14 @@ class QDQConv2d(_QDQLayer):
         codes: torch.Tensor,
         scale: torch.Tensor,
         in_scale: float,
+        name: str = "conv",
     ) -> None:
         super().__init__()
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         if conv.padding_mode != "zeros":
             raise QDQError(f"padding_mode={conv.padding_mode!r}: only zero padding is exact")
-        self._init_codes(codes, scale, conv.bias, in_scale)
+        self._init_codes(codes, scale, conv.bias, in_scale, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(
@@ -193,10 +210,15 @@ class QDQConv2d(_QDQLayer):
 
 class QDQLinear(_QDQLayer):
     def __init__(
-        self, linear: nn.Linear, codes: torch.Tensor, scale: torch.Tensor, in_scale: float
+        self,
+        linear: nn.Linear,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        in_scale: float,
+        name: str = "linear",
     ) -> None:
         super().__init__()
-        self._init_codes(codes, scale, linear.bias, in_scale)
+        self._init_codes(codes, scale, linear.bias, in_scale, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(), self.bias())
@@ -256,11 +278,14 @@ def _rescale(codes: torch.Tensor, w: torch.Tensor, name: str) -> tuple[torch.Ten
     v = w.detach().reshape(len(w), -1).double()
     norm = (c * c).sum(1)
     scale = torch.where(norm > 0, (c * v).sum(1) / norm.clamp_min(1), torch.ones_like(norm))
+    dead = v.abs().amax(1) == 0  # a BN gamma of exactly 0: codes 0 at any scale
+    c = torch.where(dead.view(-1, 1), torch.zeros_like(c), c)
+    scale = torch.where(dead, torch.ones_like(scale), scale)
     flip = scale < 0
     c = torch.where(flip.view(-1, 1), -c, c)
     scale = scale.abs().clamp_min(1e-30)
     err = (c * scale.view(-1, 1) - v).abs().amax(1)
-    tol = 1e-5 * v.abs().amax(1).clamp_min(1e-30)
+    tol = 1e-5 * v.abs().amax(1)
     if (err > tol).any():
         raise QDQError(f"{name}: the folded weight is not int8 codes times a channel scale")
     return c.to(torch.int8).view_as(codes), scale.float()
@@ -383,8 +408,14 @@ def to_qdq(
         if isinstance(layer, QConv2d | QLinear) and (c := weight_codes(layer)) is not None
     }
     report = QDQReport()
-    report.bn_kept = dict(fuse_bn_(m).skipped)  # codes first: folding keeps the quantized grid
-    work = _Conversion(m, codes, report, None if calib is None else list(calib))
+    try:  # codes first: folding keeps the quantized grid
+        report.bn_kept = dict(fuse_bn_(m).skipped)
+        work = _Conversion(m, codes, report, None if calib is None else list(calib))
+    except (fx.proxy.TraceError, TypeError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise QDQError(
+            f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}: {first[:200]})"
+        ) from None
     for node in work.graph.nodes:
         if node.op == "call_module":
             work.visit(node)
@@ -489,7 +520,7 @@ class _Conversion:
         wide, _ = widen(*self.codes[name], code_span(inq.hi))
         c, s = _rescale(wide, w, name)
         layer_cls = QDQConv2d if isinstance(mod, nn.Conv2d) else QDQLinear
-        return layer_cls(mod, c, s, inq.out_scale)  # type: ignore[arg-type]
+        return layer_cls(mod, c, s, inq.out_scale, name)  # type: ignore[arg-type]
 
     def layer(self, node: fx.Node, name: str, mod: nn.Module, src: object) -> None:
         if name not in self.codes:
@@ -630,11 +661,13 @@ def observe_ranges(
 
 
 def check_exact(model: nn.Module, qdq: nn.Module, x: torch.Tensor) -> dict[str, float]:
-    """How far the QDQ model is from the fake-quant model on `x`: max |logit diff| and top-1
-    agreement (%)."""
+    """How far the QDQ model is from the fake-quant model on `x`: max |logit diff|, the same
+    relative to the mean spread (max - min) of the fake-quant logits, and top-1 agreement (%)."""
     with torch.no_grad():
         a, b = model.eval()(x), qdq.eval()(x)
+    spread = (a.max(1).values - a.min(1).values).mean().clamp_min(1e-12)
     return {
         "max_abs_diff": (a - b).abs().max().item(),
+        "rel_diff": ((a - b).abs().max() / spread).item(),
         "top1_agreement": 100.0 * (a.argmax(1) == b.argmax(1)).float().mean().item(),
     }

@@ -10,7 +10,8 @@ same architecture in fp32 in the same runtime (`model_fp32.onnx`). `int8=false` 
 fake-quant float graph instead; `int8=true` refuses a model that has no integer form.
 
 format=onnx: `model.onnx`, run in ONNX Runtime. format=openvino: `model.xml` + `model.bin`
-(OpenVINO IR converted from the same `model.onnx`), run by OpenVINO's CPU plugin in f32.
+(OpenVINO IR converted from the same ONNX graph), run by OpenVINO's CPU plugin (f32, or int8
+for an integer model).
 format=ncnn: `model.ncnn.param` + `model.ncnn.bin` (pnnx, from the ONNX graph; the ONNX file
 itself is not kept), run by ncnn one image at a time; a QAT model's integer convs become ncnn
 int8 layers (compress.deploy.ncnn_export.export_ncnn_int8)."""
@@ -71,7 +72,6 @@ from compress.spec import arch_name, model_from_checkpoint
 from compress.tasks.common import eval_loader, load_data, logits_on, source_dataset_cfg
 
 BATCHES = (1, 64)
-INT8_CHOICES = ("auto", True, False)
 log = logging.getLogger(__name__)
 
 
@@ -222,7 +222,7 @@ def onnx_exporter(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def int8_choice(cfg: dict[str, Any]) -> str | bool:
     value = cfg.get("int8", "auto")
-    if value not in INT8_CHOICES:
+    if not (value == "auto" or isinstance(value, bool)):
         raise ConfigError(f"int8={value!r} is invalid: expected auto, true or false")
     return value
 
@@ -249,6 +249,12 @@ def integer_model(
     choice, fmt = int8_choice(cfg), cfg.get("format", "onnx")
     if not is_quantized(state.get("quant")) or choice is False:
         return None, {"int8": False}
+    opset = int(cfg.get("opset", DEFAULT_OPSET))
+    if exporter_name(opset, bool(cfg.get("dynamo", True))) != "dynamo":
+        why = "the integer model needs the dynamo exporter (dynamo=true, opset >= 18)"
+        if choice is True:
+            raise ConfigError(f"int8=true: {why}")
+        return None, {"int8": False, "int8_skipped": why}
     n = requant_batches(cfg)
     calib = None
     if n and fmt != "ncnn":  # ncnn: an added 8-bit range would stay fp32 there anyway
@@ -398,7 +404,8 @@ def table(m: dict[str, Any]) -> str:
     if "latency_ms_bs1_torch" in m:
         w = max(10, len(rt) + 10)
         cols = [f"{rt} fp32 ms"] + ([f"{rt} int8 ms", "int8/fp32"] if int8 else ["speed-up"])
-        lines.append(f"{'':22s}{'PyTorch ms':>12s}" + "".join(f"{c:>{w}s}" for c in cols))
+        torch_col = "PyTorch ms" if m["quant"] == "fp32" else "fake-quant ms"
+        lines.append(f"{'':22s}{torch_col:>14s}" + "".join(f"{c:>{w}s}" for c in cols))
         for b in BATCHES:
             cells = [f"{m[f'latency_ms_bs{b}_fp32']:.2f}"]
             t = m[f"latency_ms_bs{b}_torch"]
@@ -408,7 +415,7 @@ def table(m: dict[str, Any]) -> str:
             else:
                 cells.append(f"{t / m[f'latency_ms_bs{b}_fp32']:.2f}x")
             lines.append(
-                f"{f'latency bs={b}':22s}{t:>12.2f}" + "".join(f"{c:>{w}s}" for c in cells)
+                f"{f'latency bs={b}':22s}{t:>14.2f}" + "".join(f"{c:>{w}s}" for c in cells)
             )
     lines.append(f"CPU: {m['cpu']} (int8 ISA: {m['isa']})")
     return "\n".join(lines)
