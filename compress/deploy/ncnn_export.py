@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.deploy.onnx_export import DEFAULT_OPSET, ExportError, export_onnx, require
+from compress.deploy.qdq import QDQAct, QDQConv2d, QDQLinear, Regrid
 from compress.models.blocks import ChannelShuffle
 from compress.models.resnet import Shortcut
 
@@ -224,8 +225,6 @@ def ncnn_float_twin(qdq: nn.Module) -> tuple[nn.Module, dict[nn.Module, tuple[An
     QDQAct a `FloatGrid`, a Regrid its layer (its values are on the grid already).
 
     Returns the model and, per new conv / linear, (its QDQ layer, why it stays fp32 or None)."""
-    from compress.deploy.qdq import QDQAct, QDQConv2d, QDQLinear, Regrid
-
     model = copy.deepcopy(qdq).cpu().eval()
     regrids = {id(m.grid) for m in model.modules() if isinstance(m, Regrid)}
     grids: dict[float, list[tuple[int, int]]] = {}  # out_scale -> code ranges read at it
