@@ -294,11 +294,8 @@ def _rescale(codes: torch.Tensor, w: torch.Tensor, name: str) -> tuple[torch.Ten
 # ---------------------------------------------------------------- activations
 def act_qdq(q: nn.Module, producer_scale: float | None = None) -> QDQAct | None:
     """The QDQAct computing activation quantizer `q` (None for a float activation)."""
-    if isinstance(q, Int8Act):
+    if isinstance(q, Int8Act):  # a ReLU6 site's range is within [0, 6]: 255 is its top code too
         scale, zp = q.qparams()
-        if getattr(q, "float_type", None) is nn.ReLU6:
-            hi = min(255, int(zp) + math.floor(6.0 / float(scale) + 0.5))
-            return QDQAct(float(scale), int(zp), int(zp), hi)
         return QDQAct(float(scale), int(zp), int(zp), 255)
     if isinstance(q, DoReFaAct | PACTAct):
         n = 2**q.bits - 1
@@ -423,7 +420,8 @@ def to_qdq(
     work.requantize_outputs()
     for name in codes:
         if name not in report.integer_layers and name not in report.float_layers:
-            report.float_layers[name] = "shared by several calls"
+            calls = work.calls.get(name, 0)
+            report.float_layers[name] = "shared by several calls" if calls else "never called"
     return m, report
 
 

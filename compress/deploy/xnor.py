@@ -212,6 +212,11 @@ def xnor_conv2d(
     )
 
 
+def _input(x: torch.Tensor) -> torch.Tensor:
+    """What the extension's convs take: packed int64 words or float32 (other floats cast)."""
+    return x if x.dtype in (torch.int64, torch.float32) else x.float()
+
+
 class XnorConv2d(nn.Module):
     """Inference-only binary conv on packed bits, equal to the QConv2d (BinaryWeight) it was
     made from applied to sign(x): exactly without a weight scale, within fp32 rounding with."""
@@ -276,10 +281,11 @@ class XnorConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # straight to the extension (it checks shapes): the Python wrapper costs microseconds,
         # which matter for small layers
-        if x.dtype != torch.int64 and x.dtype != torch.float32:
-            x = x.float()
-        return extension().xnor_conv2d(
-            x,
+        return extension().xnor_conv2d(_input(x), *self._layer_args())
+
+    def _layer_args(self) -> tuple:
+        """The layer's arguments to the extension's convs, after the input."""
+        return (
             self.words,
             self.tap_popcount,
             self.scale,
@@ -380,23 +386,9 @@ class XnorBitsConv2d(XnorConv2d):
         self.pool = pool or (0, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.int64 and x.dtype != torch.float32:
-            x = x.float()
         return extension().xnor_conv2d_bits(
-            x,
-            self.words,
-            self.tap_popcount,
-            self.scale,
-            self.bias,
-            self.in_per_group,
-            self.out_channels,
-            self.kernel[0],
-            self.kernel[1],
-            self.stride[0],
-            self.stride[1],
-            self.padding[0],
-            self.padding[1],
-            _isa_id(self.isa),
+            _input(x),
+            *self._layer_args(),
             self.perm,
             self.out_groups,
             *self.pool,
