@@ -9,6 +9,7 @@ composes the config (`schedule.epoch=3`, `quant.weight.bitz=3`, `schedule.epochs
     schedule  base_schedule   ScheduleConfig            conf/schedule/*.yaml
     quant     base_quant      QuantConfig               conf/quant/*.yaml
     pruner    base_pruner     PrunerConfig              conf/pruner/*.yaml
+    distill   base_distill    DistillConfig             conf/distill/*.yaml
     -         base_train      TrainRun (sparsity, ...)  conf/train.yaml
     -         base_prune      PruneRun                  conf/prune.yaml
     -         base_fuse       FuseRun                   conf/fuse.yaml
@@ -27,7 +28,13 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from compress.config import PrunerConfig, QuantConfig, ScheduleConfig, SparsityConfig
+from compress.config import (
+    DistillConfig,
+    PrunerConfig,
+    QuantConfig,
+    ScheduleConfig,
+    SparsityConfig,
+)
 
 
 @dataclass
@@ -40,6 +47,7 @@ class TrainRun:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     resume: bool = False  # continue the run in hydra.run.dir from its last.pt
@@ -53,6 +61,7 @@ class PruneRun:
 
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     dataset: Any = None  # null: the data set the checkpoint was trained on
+    model: Any = None  # a plain state_dict as ckpt: the model it holds (model=NAME)
     ckpt: str = MISSING
     seed: int = 0
     device: str = "cpu"
@@ -63,6 +72,7 @@ class FuseRun:
     """conf/fuse.yaml."""
 
     dataset: Any = None  # null: the data set the checkpoint was trained on
+    model: Any = None  # a plain state_dict as ckpt: the model it holds (model=NAME)
     ckpt: str = MISSING
     seed: int = 0
     device: str = "cpu"
@@ -87,6 +97,7 @@ def register() -> None:
     cs.store(group="schedule", name="base_schedule", node=ScheduleConfig)
     cs.store(group="quant", name="base_quant", node=QuantConfig)
     cs.store(group="pruner", name="base_pruner", node=PrunerConfig)
+    cs.store(group="distill", name="base_distill", node=DistillConfig)
     cs.store(name="base_train", node=TrainRun)
     cs.store(name="base_prune", node=PruneRun)
     cs.store(name="base_fuse", node=FuseRun)
@@ -110,6 +121,7 @@ class DeployRun:
     """What conf/export.yaml and conf/calibrate.yaml share."""
 
     dataset: Any = None  # null: the data set the checkpoint was trained on
+    model: Any = None  # a plain state_dict as ckpt: the model it holds (model=NAME)
     ckpt: str = MISSING
     format: str = "onnx"  # onnx | openvino | ncnn (calibrate: onnx)
     opset: int = 18  # >= 17; 18 is the dynamo exporter's own

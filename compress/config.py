@@ -28,6 +28,7 @@ WEIGHT_KINDS = ("fp32", "dorefa", "ternary", "binary", "int8")
 ACT_KINDS = (*WEIGHT_KINDS, "pact")
 GRAD_MODES = ("ste", "saturate_ste", "soft_ste")  # = compress.quant.primitives.GRAD_MODES
 PRUNERS = ("normal", "regular", "gc")
+DISTILL_KINDS = ("none", "kd")
 
 
 # ---------------------------------------------------------------- schemas
@@ -105,12 +106,36 @@ class QuantConfig:
 
 @dataclass
 class PrunerConfig:
-    """The `pruner` group (network slimming)."""
+    """The `pruner` group: which channels of a trained model go (network slimming by default;
+    l1 / l2 / taylor / fpgm prune a model trained without sparsity)."""
+
+    # the choices (class attributes, not keys); IMPORTANCES = compress.prune.IMPORTANCES' names
+    IMPORTANCES = ("bn_scale", "l1", "l2", "taylor", "fpgm")
+    SCOPES = ("global", "layer")
+    TARGETS = ("channels", "macs")
 
     name: str = "normal"  # normal | regular | gc
-    percent: float = 0.5  # fraction of prunable channels to remove, in [0, 1)
+    # fraction to remove, in [0, 1): of the prunable channels (target=channels) or of the MACs
+    percent: float = 0.5
     base: int = 1  # (regular) every pruned layer keeps a multiple of base channels
     min_channels: int | None = None  # no layer keeps fewer (null: base)
+    # bn_scale (|BN gamma|, after sparse training) | l1 | l2 (filter norms) | taylor (|grad x
+    # activation| on `batches` training batches) | fpgm (distance to the geometric median)
+    importance: str = "bn_scale"
+    scope: str = "global"  # global: one threshold over all layers | layer: each loses `percent`
+    target: str = "channels"  # channels | macs (bisects the threshold to hit the MACs)
+    # every layer keeps at least this fraction of its channels. 0 (the default, today's
+    # results): the floor is min_channels (or base), and with target=channels a percent that
+    # would empty a layer is refused unless min_channels or min_ratio is set; target=macs
+    # always keeps the floor (at least one channel)
+    min_ratio: float = 0.0
+    # importance=taylor: training batches the scores are averaged over (of schedule.batch_size
+    # images in a pipeline stage; prune.py, which has no schedule: 128)
+    batches: int = 8
+    # pipeline prune stage: prune-finetune cycles on the cubic schedule (Zhu & Gupta 2017),
+    # each followed by finetune_epochs epochs; prune.py prunes once (steps: 1)
+    steps: int = 1
+    finetune_epochs: int = 1
 
 
 @dataclass
@@ -119,6 +144,18 @@ class SparsityConfig:
 
     enabled: bool = False
     s: float = 1e-4
+
+
+@dataclass
+class DistillConfig:
+    """`distill`: knowledge distillation from a frozen teacher (compress.distill)."""
+
+    kind: str = "none"  # none | kd
+    # self: the weights the run starts from (init_from; in a pipeline the model before its
+    # first prune / quantize stage), or the path of a checkpoint or plain state_dict
+    teacher: str = "self"
+    temperature: float = 4.0  # T: logits / T are softened before the KL term
+    alpha: float = 0.9  # weight of the KL term; 1 - alpha: the label loss
 
 
 # ---------------------------------------------------------------- checks
@@ -307,6 +344,13 @@ def validate_pruner(d: dict[str, Any], prefix: str = "pruner") -> None:
         mc,
         "null or an integer >= 1",
     )
+    check_choice(f"{prefix}.importance", c["importance"], PrunerConfig.IMPORTANCES)
+    check_choice(f"{prefix}.scope", c["scope"], PrunerConfig.SCOPES)
+    check_choice(f"{prefix}.target", c["target"], PrunerConfig.TARGETS)
+    mr = c["min_ratio"]
+    _check(_number(mr) and 0 <= mr < 1, f"{prefix}.min_ratio", mr, "a fraction in [0, 1)")
+    for key in ("batches", "steps", "finetune_epochs"):
+        _check(_int(c[key]) and c[key] >= 1, f"{prefix}.{key}", c[key], "an integer >= 1")
 
 
 def validate_sparsity(d: dict[str, Any], prefix: str = "sparsity") -> None:
@@ -318,11 +362,31 @@ def validate_sparsity(d: dict[str, Any], prefix: str = "sparsity") -> None:
     _check(_number(c["s"]) and c["s"] > 0, f"{prefix}.s", c["s"], "a penalty > 0")
 
 
+def validate_distill(d: dict[str, Any], prefix: str = "distill") -> str:
+    """Check a `distill` dict (keys left out take DistillConfig's defaults); returns its kind."""
+    d = _as_dict(prefix, d)
+    check_known(prefix, d, DistillConfig)
+    c = {**defaults(DistillConfig), **d}
+    check_choice(f"{prefix}.kind", c["kind"], DISTILL_KINDS)
+    t, a = c["temperature"], c["alpha"]
+    _check(_number(t) and t > 0, f"{prefix}.temperature", t, "a temperature > 0")
+    _check(_number(a) and 0 <= a <= 1, f"{prefix}.alpha", a, "a weight in [0, 1]")
+    teacher = c["teacher"]
+    _check(
+        isinstance(teacher, str) and bool(teacher),
+        f"{prefix}.teacher",
+        teacher,
+        "self (the weights the run starts from) or the path of a checkpoint or state_dict",
+    )
+    return c["kind"]
+
+
 VALIDATORS = {
     "schedule": validate_schedule,
     "quant": validate_quant,
     "pruner": validate_pruner,
     "sparsity": validate_sparsity,
+    "distill": validate_distill,
 }
 
 

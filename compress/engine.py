@@ -42,6 +42,7 @@ from compress.config import (  # noqa: F401  (re-exported: the choices lived her
     validate_schedule,
 )
 from compress.data import DataSet, TensorLoader
+from compress.distill import LossFn, cross_entropy_loss
 from compress.distributed import Dist, check_resume_world, current
 from compress.errors import ConfigError
 from compress.spec import checkpoint_state
@@ -171,9 +172,14 @@ def train_one_epoch(
     callbacks: Sequence[Callback] = (),
     desc: str = "train",
     dist: Dist | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
     """One epoch. `model` may be DDP-wrapped; callbacks get the module underneath. With `dist`
-    enabled the returned loss / accuracy are over all ranks' images."""
+    enabled the returned loss / accuracy are over all ranks' images. `loss_fn(x, logits, y)`:
+    the loss minimised (default: cross-entropy with the schedule's label smoothing; a
+    compress.distill.Distiller around it for KD)."""
+    if loss_fn is None:
+        loss_fn = cross_entropy_loss(cfg.label_smoothing)
     model.train()
     inner = getattr(model, "_orig_mod", model)  # under torch.compile
     inner = inner.module if isinstance(inner, nn.parallel.DistributedDataParallel) else inner
@@ -186,7 +192,7 @@ def train_one_epoch(
     for step, (x, y) in enumerate(bar):
         with autocast(loader.device, cfg.precision):
             out = model(x)
-            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = loss_fn(x, out, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         for cb in callbacks:
@@ -309,6 +315,7 @@ def fit(
     flip: bool = True,
     writer: Any = None,
     dist: Dist | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `cfg.epochs`; returns the run's summary.
 
@@ -320,13 +327,17 @@ def fit(
     `dist`: the process group (default: the one joined, if any; see compress.distributed).
     When enabled the model trains under DistributedDataParallel with `cfg.batch_size` images
     per process per step, and only rank 0 logs, writes `writer` and the checkpoints.
+
+    `loss_fn(x, logits, y)`: the loss (default cross-entropy); a module (a Distiller and its
+    teacher) is moved to the device and memory format of the model.
     """
     dist = current() if dist is None else dist
     cfg = for_device(cfg, device)
     run_dir = Path(run_dir)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    for m in (model, loss_fn) if isinstance(loss_fn, nn.Module) else (model,):
+        m.to(device)
+        if cfg.channels_last:
+            m.to(memory_format=torch.channels_last)
     if cfg.sync_bn and dist.enabled and device.type != "cuda":
         raise ConfigError(
             "schedule.sync_bn=true needs CUDA (SyncBatchNorm runs on GPUs only): "
@@ -374,6 +385,7 @@ def fit(
                 callbacks,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 dist=dist,
+                loss_fn=loss_fn,
             )
             evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             none = {"acc": None, "loss": None}

@@ -12,7 +12,8 @@ A stage is a string (its kind) or a dict:
 stage's model as a runtime file; a QAT model as its integer QDQ graph; `format`, `int8`,
 `requant_batches`, `latency` as in export.py) can only be the last stage.
 With `resume=true`, finished stages (those with a stage.json) are skipped and the interrupted
-one continues from its last.pt.
+one continues from its last.pt. A prune stage with `pruner.steps` > 1 prunes and finetunes in
+turns, each step in a folder of its own, resumable the same way (`_iterative_prune_stage`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from compress.config import validate_run
 from compress.deploy.onnx_export import BUILT
 from compress.deploy.ptq import validate_calib
 from compress.errors import ConfigError, check_choice
+from compress.prune import agp_schedule
 from compress.tasks import calibrate as calibrate_task
 from compress.tasks import export as export_task
 from compress.tasks import fuse as fuse_task
@@ -56,8 +58,79 @@ def _sparse_train_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
 
 
 def _prune_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
+    steps = prune_task.pruner_settings(cfg)["steps"]
+    if steps > 1:
+        return _iterative_prune_stage(cfg, stage_dir)
     prune_task.run({**cfg, "ckpt": cfg["init_from"]}, stage_dir)
     return stage_dir / "pruned.pt"
+
+
+def _iterative_prune_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
+    """`pruner.steps` = K prune-finetune cycles (Zhu & Gupta 2017): cycle k prunes the model
+    the last one finetuned down to the fraction s_k of the stage's input (its channels or
+    MACs) that the cubic schedule says, then finetunes it `pruner.finetune_epochs` epochs with
+    the stage's schedule through the train task (distillation, resume and TensorBoard as a
+    train stage has them). Cycle k lives in `NN_stepk/`: pruned.pt and prune.json (the prune),
+    best.pt, last.pt, metrics.json and tb/ (the finetune), step.json once it is done. The
+    stage's checkpoint is the last cycle's best.pt, as a train stage's is its best.pt.
+
+    With resume=true finished cycles (step.json) are skipped, a pruned model (prune.json) is
+    not pruned again, and an interrupted finetune continues from its last.pt.
+    """
+    p = prune_task.pruner_settings(cfg)
+    resume = bool(cfg.get("resume"))
+    original, current = Path(cfg["init_from"]), Path(cfg["init_from"])
+    cycles = []
+    for k, fraction in enumerate(agp_schedule(p["percent"], p["steps"]), 1):
+        step_dir = stage_dir / f"{k:02d}_step{k}"
+        done = step_dir / "step.json"
+        if resume and done.exists():
+            log.info("prune step %d/%d: finished earlier, skipped", k, p["steps"])
+        else:
+            if not (resume and (step_dir / "prune.json").exists()):
+                log.info("prune step %d/%d: %.4f of the %s", k, p["steps"], fraction, p["target"])
+                prune_cfg = {**cfg, "ckpt": str(current)}
+                prune_cfg["pruner"] = {**p, "percent": fraction, "steps": 1}
+                prune_task.run(prune_cfg, step_dir, reference=original, metrics_file="prune.json")
+            finetune = {
+                **cfg,
+                "init_from": str(step_dir / "pruned.pt"),
+                "refine": None,
+                "resume": resume and (step_dir / "last.pt").exists(),
+                "schedule": {**cfg["schedule"], "epochs": p["finetune_epochs"]},
+            }
+            train_task.run(finetune, step_dir)
+            write_json(done, {"step": k, "fraction": fraction, "checkpoint": "best.pt"})
+        pruned = json.loads((step_dir / "prune.json").read_text())
+        tuned = json.loads((step_dir / "metrics.json").read_text())
+        cycles.append(
+            {
+                "step": k,
+                "fraction": fraction,
+                "channels": pruned["channels"],
+                "macs": pruned["macs"],
+                "macs_ratio": pruned["macs_ratio_reference"],
+                "test_acc_pruned": pruned["test_acc"],
+                "test_acc": tuned["test_acc"],
+                "best_test_acc": tuned["best_test_acc"],
+            }
+        )
+        current = step_dir / "best.pt"
+    first = json.loads((stage_dir / "01_step1" / "prune.json").read_text())
+    tuned.pop("history", None)
+    summary = {
+        **tuned,
+        **{key: pruned[key] for key in ("pruner", "importance", "scope", "target", "channels")},
+        "percent": p["percent"],
+        "steps": p["steps"],
+        **{key: first[key] for key in ("channels_before", "params_before", "macs_before")},
+        "test_acc_before": first["test_acc_before"],
+        "params_ratio": tuned["params"] / first["params_before"],
+        "macs_ratio": tuned["macs"] / first["macs_before"],
+        "cycles": cycles,
+    }
+    write_json(stage_dir / "metrics.json", summary)
+    return current
 
 
 def _fuse_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
@@ -94,9 +167,20 @@ STAGE_KINDS: dict[str, Callable[[dict[str, Any], Path], Path]] = {
 }
 NEEDS_INPUT = {"prune", "finetune", "quantize", "fuse", "calibrate", "export"}
 LAST_ONLY = {"calibrate": "an INT8 ONNX model", "export": "a runtime file"}
-GROUP_KEYS = ("quant", "model", "dataset", "pruner", "sparsity", "calib")
+GROUP_KEYS = ("quant", "model", "dataset", "pruner", "sparsity", "calib", "distill")
+# the stages that compress: `distill.teacher=self` in them and after them is the model before
+# the first of them (the uncompressed one), not the stage's own, already compressed, input
+COMPRESSING = {"prune", "quantize"}
 # calibrate / export options that live at the top of their configs
 TOP_KEYS = ("latency", "format", "int8", "requant_batches", "opset")
+
+
+def _started(kind: str, stage_dir: Path) -> bool:
+    """Whether an interrupted stage left something to continue from: a training stage its
+    last.pt, an (iterative) prune stage the steps in its folder."""
+    if kind == "prune":
+        return stage_dir.is_dir()
+    return (stage_dir / "last.pt").exists()
 
 
 def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -136,6 +220,13 @@ def plan(cfg: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
+def _resolve_teacher(stage_cfg: dict[str, Any], start: Path | None) -> None:
+    """`distill.teacher=self` in a stage: the uncompressed model (see COMPRESSING), a path."""
+    distill = stage_cfg.get("distill") or {}
+    if distill.get("kind") == "kd" and distill.get("teacher", "self") == "self" and start:
+        stage_cfg["distill"] = {**distill, "teacher": str(start)}
+
+
 def run_pipeline(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     """Run `cfg` as a single training run, or as its `schedule.stages` in order."""
     run_dir = Path(run_dir)
@@ -145,19 +236,25 @@ def run_pipeline(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     stages = plan(cfg)
     first = cfg.get("init_from") or cfg.get("refine")
     previous: Path | None = Path(first) if first else None
+    uncompressed: Path | None = None
     results = []
     for kind, folder, stage_cfg in stages:
         stage_dir = run_dir / folder
         done = stage_dir / "stage.json"
         if previous is not None:
             stage_cfg["init_from"] = str(previous)
+        if kind in COMPRESSING and uncompressed is None:
+            uncompressed = previous
+        _resolve_teacher(stage_cfg, uncompressed or previous)
         if cfg.get("resume") and done.exists():
             log.info("stage %s: finished earlier, skipped", folder)
         else:
-            stage_cfg["resume"] = bool(cfg.get("resume")) and (stage_dir / "last.pt").exists()
+            stage_cfg["resume"] = bool(cfg.get("resume")) and _started(kind, stage_dir)
             log.info("stage %s (%s)%s", folder, kind, " resumed" if stage_cfg["resume"] else "")
             ckpt = STAGE_KINDS[kind](stage_cfg, stage_dir)
-            write_json(done, {"kind": kind, "checkpoint": ckpt.name})
+            # relative to the stage folder: an iterative prune stage's is in a step's folder
+            name = ckpt.relative_to(stage_dir) if ckpt.is_relative_to(stage_dir) else ckpt.name
+            write_json(done, {"kind": kind, "checkpoint": str(name)})
         metrics = json.loads((stage_dir / "metrics.json").read_text())
         metrics.pop("history", None)
         results.append({"stage": folder, "kind": kind, **metrics})

@@ -8,16 +8,21 @@ fused model of any source (the zoo, torchvision, a user's builder) is rebuilt wi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from compress.errors import CheckpointError
 from compress.fuse import apply_fused_structure_
-from compress.models import create_from_arch
+from compress.models import create_from_arch, create_model, list_models
+from compress.models.registry import accepts
 from compress.prune import apply_widths_
 from compress.prune.graph import PruneError
 from compress.quant import quantize_, to_float
+
+log = logging.getLogger(__name__)
 
 SPEC_KEYS = ("arch", "widths", "quant", "fused")
 
@@ -100,3 +105,118 @@ def model_from_checkpoint(
     if state.get("quant") and not quantized and not fused:
         to_float(model)
     return model
+
+
+# ---------------------------------------------------------------- plain state_dicts
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "scalar"
+
+
+def _listed(keys: list[str], n: int = 3) -> str:
+    more = f" ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _fits(model: nn.Module, sd: dict[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    return own.keys() == sd.keys() and all(own[k].shape == v.shape for k, v in sd.items())
+
+
+def matching_zoo_model(
+    sd: dict[str, torch.Tensor], num_classes: int, in_channels: int
+) -> str | None:
+    """The registered zoo model whose default build has exactly these keys and shapes."""
+    for name in list_models():
+        kw = {}
+        for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if accepts("zoo", name, None, key):
+                kw[key] = value
+        try:
+            candidate = create_model(name, **kw)
+        except Exception:  # a builder that needs other arguments: not a candidate
+            continue
+        if _fits(candidate, sd):
+            return name
+    return None
+
+
+def _head_only(
+    model: nn.Module, mis: list[str], own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]
+) -> str | None:
+    """The module name when the mis-shaped keys are exactly one layer's weight / bias that
+    differ only in their first dim (the class count): a classifier head to replace."""
+    owners = {k.rpartition(".")[0] for k in mis}
+    if len(owners) != 1:
+        return None
+    head = owners.pop()
+    module = dict(model.named_modules()).get(head)
+    if not isinstance(module, nn.Linear | nn.Conv2d) or f"{head}.weight" not in mis:
+        return None
+    return head if all(own[k].shape[1:] == sd[k].shape[1:] for k in mis) else None
+
+
+def load_state_dict_(
+    model: nn.Module,
+    sd: dict[str, torch.Tensor],
+    what: str,
+    new_head: bool = True,
+    num_classes: int | None = None,
+    in_channels: int = 3,
+) -> dict[str, Any] | None:
+    """Load a plain state_dict into `model`, strictly: every key present, none left over, every
+    shape equal. One exception, transfer learning (`new_head`): when the only differences are
+    the class count of the classifier layer, that layer keeps its fresh initialization.
+
+    Returns {"head": name, "from_classes": n, "to_classes": m} when the head was replaced, else
+    None. A misfit raises CheckpointError naming the first missing, unexpected and mis-shaped
+    keys, and the zoo model that fits the file when one does (`what`: the file, for the message).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mis = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    head = _head_only(model, mis, own, sd) if new_head and not missing and not unexpected else None
+    if (missing or unexpected or mis) and head is None:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_listed(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_listed(unexpected)}")
+        if mis:
+            k = mis[0]
+            parts.append(
+                f"mis-shaped {k} (file {_shape(sd[k])}, model {_shape(own[k])})"
+                + (f" and {len(mis) - 1} more" if len(mis) > 1 else "")
+            )
+        name = arch_name(model.arch) if hasattr(model, "arch") else type(model).__name__
+        hint = ""
+        if num_classes is not None:
+            fits = matching_zoo_model(sd, num_classes, in_channels)
+            if fits is not None:
+                hint = f"; it fits model={fits}" + (
+                    " with its default settings (drop the model.* overrides)"
+                    if fits == getattr(model, "arch", {}).get("name")
+                    else ""
+                )
+        raise CheckpointError(
+            f"{what}: the state_dict does not fit {name}: " + "; ".join(parts) + hint
+        )
+    if head is None:
+        model.load_state_dict(sd)
+        return None
+    kept = {k: v for k, v in sd.items() if k not in mis}
+    fresh = {k: own[k] for k in mis}
+    model.load_state_dict({**kept, **fresh})
+    info = {
+        "head": head,
+        "from_classes": int(sd[f"{head}.weight"].shape[0]),
+        "to_classes": int(own[f"{head}.weight"].shape[0]),
+    }
+    log.info(
+        "transfer learning: %s has %d classes in %s, the data set %d; it starts fresh",
+        head,
+        info["from_classes"],
+        what,
+        info["to_classes"],
+    )
+    return info

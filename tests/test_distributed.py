@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -284,3 +285,25 @@ def test_torchrun_pact_qat(tmp_path):
     assert alphas and any((a != 6.0).any() for a in alphas)  # the clips trained
     metrics = (tmp_path / "run" / "metrics.json").read_text()
     assert '"a_bits": 4' in metrics and '"world_size": 2' in metrics
+
+
+def test_torchrun_distills_from_a_plain_state_dict(tmp_path):
+    """init_from a state_dict trained elsewhere, KD from it (teacher=self) under 2 processes:
+    every rank builds the same frozen teacher; rank 0 records it."""
+    from compress.models import create_model
+
+    torch.manual_seed(0)
+    torch.save(create_model("resnet20", channels=[4] * 9).state_dict(), tmp_path / "theirs.pth")
+    out = _train(
+        tmp_path,
+        f"init_from={tmp_path / 'theirs.pth'}",
+        "distill=kd",
+        "quant=w4a4p",
+        "schedule.batch_size=8",
+        "hydra.run.dir=run",
+        nproc=2,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["distill"]["teacher"] == "self"
+    assert metrics["init"]["kind"] == "state_dict"

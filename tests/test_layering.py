@@ -23,6 +23,7 @@ LAYERS = {
     "compress.metrics": 1,
     "compress.distributed": 1,
     "compress.quant": 2,
+    "compress.distill": 2,
     "compress.prune": 2,
     "compress.fuse": 2,
     "compress.spec": 3,

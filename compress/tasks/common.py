@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -10,17 +11,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.checkpoint import load_checkpoint
+from compress.checkpoint import load_weights_file
 from compress.data import TensorLoader, load_dataset
 from compress.engine import Callback
 from compress.errors import CheckpointError, ConfigError, check_choice
 from compress.metrics import count_macs, count_params, latency_ms, size_bytes
 from compress.models import create_model
+from compress.models.pretrained import torchvision_weights_file
 from compress.models.registry import accepts
 from compress.prune import regularize_bn_, slimming_scales
 from compress.quant.api import clip_latent_weights_, latent_clip_params
 from compress.quant.int8 import bn_freeze_hook
-from compress.spec import arch_name, model_from_checkpoint
+from compress.spec import arch_name, checkpoint_state, load_state_dict_, model_from_checkpoint
 
 AUGMENT_KEYS = ("crop_padding", "flip")
 META_KEYS = ("root_template",)  # recorded with the data set config, not passed to its loader
@@ -63,11 +65,17 @@ def source_dataset_cfg(cfg: dict[str, Any], state: dict[str, Any]) -> dict[str, 
     return stored
 
 
-def model_from_cfg(model_cfg: dict[str, Any], data: Any) -> nn.Module:
-    """A fresh model as the `model` group says, fitted to the data set's classes and channels."""
+def model_from_cfg(model_cfg: dict[str, Any], data: Any, pretrained: bool = True) -> nn.Module:
+    """A fresh model as the `model` group says, fitted to the data set's classes and channels.
+
+    torchvision's `model.weights` (a file or a weights name found in torch hub's cache;
+    `model.download=true` lets it download) are loaded unless `pretrained=False`; a class count
+    other than theirs gets a fresh head (`model.transfer` records it)."""
     kw = dict(model_cfg)
     name, source, target = kw.pop("name", None), kw.pop("source", "zoo"), kw.pop("target", None)
     wanted = kw.pop("num_classes", None)
+    weights = kw.pop("weights", None) if source == "torchvision" else None
+    download = bool(kw.pop("download", False)) if source == "torchvision" else False
     if wanted is not None and wanted != data.num_classes:
         raise ConfigError(
             f"model.num_classes={wanted} but dataset={data.name} has {data.num_classes} classes"
@@ -83,6 +91,15 @@ def model_from_cfg(model_cfg: dict[str, Any], data: Any) -> nn.Module:
             f"{arch_name(model.arch)} takes {first.in_channels}-channel images but "
             f"dataset={data.name} has {data.in_channels} channels"
         )
+    if weights and pretrained:
+        path = torchvision_weights_file(name, str(weights), download)
+        kind, sd = load_weights_file(path)
+        if kind != "state_dict":
+            raise CheckpointError(
+                f"model.weights={weights} is a compress checkpoint: pass it as init_from={path}"
+            )
+        model.transfer = load_state_dict_(model, sd, f"model.weights={weights}")
+        model.init_source = {"kind": "torchvision_weights", "weights": str(weights)}
     return model
 
 
@@ -90,10 +107,24 @@ def model_name(model_cfg: dict[str, Any]) -> str | None:
     return model_cfg.get("name") or model_cfg.get("target")
 
 
-def build_model(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, dict[str, Any] | None]:
-    """The model to train: fresh from `model`, or rebuilt from `init_from` (widths kept).
+def model_from_state_dict(
+    model_cfg: dict[str, Any], sd: dict[str, torch.Tensor], data: Any, what: str
+) -> nn.Module:
+    """The configured model holding a plain state_dict (a file trained elsewhere carries no
+    architecture: the `model` group names it). Strict, but for a new classifier head."""
+    model = model_from_cfg(model_cfg, data, pretrained=False)
+    model.transfer = load_state_dict_(
+        model, sd, what, num_classes=data.num_classes, in_channels=data.in_channels
+    )
+    model.init_source = {"kind": "state_dict", "path": what.partition("=")[2]}
+    return model
 
-    Returns the model and the checkpoint it came from (None when fresh).
+
+def build_model(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The model to train: fresh from `model`, or from `init_from`: a compress checkpoint
+    (its widths kept) or a plain state_dict of the configured model.
+
+    Returns the model and the checkpoint it came from (None when fresh or a state_dict).
     """
     if cfg.get("refine"):  # the seed project's name for finetuning a pruned model
         if cfg.get("init_from"):
@@ -103,10 +134,14 @@ def build_model(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, dict[str, An
         return model_from_cfg(dict(cfg["model"]), data), None
     path = Path(cfg["init_from"])
     try:
-        state = load_checkpoint(path)
+        kind, state = load_weights_file(path)
+        if kind == "state_dict":
+            model = model_from_state_dict(dict(cfg["model"]), state, data, f"init_from={path}")
+            return model, None
         model = model_from_checkpoint(state, expect=model_name(cfg["model"]), quantized=False)
     except CheckpointError as e:
-        raise CheckpointError(f"init_from={path}: {e}") from None
+        msg = str(e) if str(e).startswith("init_from=") else f"init_from={path}: {e}"
+        raise CheckpointError(msg) from None
     head = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     got = (head.out_features if head else None, first.in_channels if first else None)
@@ -118,6 +153,70 @@ def build_model(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, dict[str, An
             f"{data.num_classes} and {data.in_channels}"
         )
     return model, state
+
+
+@torch.no_grad()
+def build_teacher(
+    cfg: dict[str, Any], data: Any, start: nn.Module | None, resumed: bool = False
+) -> nn.Module:
+    """The frozen teacher `distill.teacher` names: `self` (the weights the run starts from:
+    `start`, the model before compression, or init_from again when the run resumed) or a
+    checkpoint / plain state_dict file of the configured model. Its class count must be the
+    student's."""
+    teacher_ref = str((cfg.get("distill") or {}).get("teacher", "self"))
+    if teacher_ref == "self":
+        if not (cfg.get("init_from") or cfg.get("refine")):
+            raise ConfigError(
+                "distill.teacher=self distills from the weights the run starts from, but the run "
+                "starts from scratch: pass init_from=PATH (a trained model) or "
+                "distill.teacher=PATH"
+            )
+        teacher = build_model(cfg, data)[0] if resumed or start is None else copy.deepcopy(start)
+    else:
+        path = Path(teacher_ref)
+        try:
+            kind, state = load_weights_file(path)
+            if kind == "checkpoint":
+                teacher = model_from_checkpoint(state)
+            else:
+                what = f"distill.teacher={path}"
+                teacher = model_from_state_dict(dict(cfg["model"]), state, data, what)
+        except CheckpointError as e:
+            raise CheckpointError(f"distill.teacher={path}: {e}") from None
+    teacher.eval()
+    out = teacher(torch.zeros(2, *data.image_shape))
+    if out.dim() != 2 or out.shape[1] != data.num_classes:
+        raise ConfigError(
+            f"distill.teacher={teacher_ref}: the teacher predicts {tuple(out.shape[1:])} "
+            f"classes but dataset={data.name} (the student) has {data.num_classes}"
+        )
+    return teacher
+
+
+def read_source(cfg: dict[str, Any], script: str, seed: int = 0) -> dict[str, Any]:
+    """The checkpoint `ckpt` names, as a checkpoint dict: a compress checkpoint as stored, a
+    plain state_dict built into the model that `model=` names (prune.py, fuse.py, export.py and
+    calibrate.py then work on a model trained elsewhere, with no training run here)."""
+    if cfg.get("ckpt") in (None, "", "???"):  # "???": OmegaConf's missing value
+        raise ConfigError(f"ckpt is required: python {script} ckpt=RUN/best.pt")
+    path = cfg["ckpt"]
+    kind, obj = load_weights_file(path)
+    if kind == "checkpoint":
+        return obj
+    if not cfg.get("model"):
+        raise ConfigError(
+            f"ckpt={path} is a plain state_dict, which does not say what model it holds: "
+            f"name it, e.g. python {script} ckpt={path} model=resnet20 dataset=cifar10"
+        )
+    if not cfg.get("dataset"):
+        raise ConfigError(
+            f"ckpt={path} is a plain state_dict, which does not record its data set: "
+            "pass dataset=NAME"
+        )
+    data = load_data(dict(cfg["dataset"]), seed)
+    model = model_from_state_dict(dict(cfg["model"]), obj, data, f"ckpt={path}")
+    config = {"model": dict(cfg["model"]), "dataset": dict(cfg["dataset"])}
+    return checkpoint_state(model, dataset=data.name, config=config, source=str(path))
 
 
 def model_metrics(model: nn.Module, data: Any) -> dict[str, int]:
@@ -151,9 +250,7 @@ def source_checkpoint(
     """Create the run directory and load the unfused checkpoint that `ckpt` names."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("ckpt") in (None, "", "???"):  # "???": OmegaConf's missing value
-        raise ConfigError(f"ckpt is required: python {script} ckpt=RUN/best.pt")
-    state = load_checkpoint(cfg["ckpt"])
+    state = read_source(cfg, script, int(cfg.get("seed", 0)))
     if state.get("fused"):
         raise CheckpointError(
             f"{cfg['ckpt']} is already fused: {script} needs a checkpoint "

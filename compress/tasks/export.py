@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 
-from compress.checkpoint import load_checkpoint
 from compress.cli import write_json
 from compress.deploy.ncnn_export import (
     PARAM,
@@ -69,7 +68,13 @@ from compress.fuse import fuse_bn_
 from compress.metrics import latency_ms
 from compress.quant.api import applied_label, is_quantized, to_float
 from compress.spec import arch_name, model_from_checkpoint
-from compress.tasks.common import eval_loader, load_data, logits_on, source_dataset_cfg
+from compress.tasks.common import (
+    eval_loader,
+    load_data,
+    logits_on,
+    read_source,
+    source_dataset_cfg,
+)
 
 BATCHES = (1, 64)
 log = logging.getLogger(__name__)
@@ -99,9 +104,7 @@ def load_source(cfg: dict[str, Any], run_dir: str | Path, script: str) -> tuple[
     """Create the run directory and load the checkpoint `ckpt` names (fused ones too)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("ckpt") in (None, "", "???"):
-        raise ConfigError(f"ckpt is required: python {script} ckpt=RUN/best.pt")
-    return run_dir, load_checkpoint(cfg["ckpt"])
+    return run_dir, read_source(cfg, script, int(cfg.get("seed", 0)))
 
 
 def latencies(

@@ -18,6 +18,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from compress.checkpoint import load_checkpoint
 from compress.cli import write_json
+from compress.config import validate_distill
+from compress.distill import Distiller, cross_entropy_loss
 from compress.distributed import Dist, check_resume_world, init_from_env
 from compress.engine import Callback, TrainConfig, fit
 from compress.errors import CheckpointError
@@ -30,6 +32,7 @@ from compress.tasks.common import (
     ClipLatentWeights,
     FreezeBN,
     build_model,
+    build_teacher,
     load_data,
     measure_latency,
     model_metrics,
@@ -74,6 +77,8 @@ def _run(
     sched = TrainConfig.from_dict({k: v for k, v in cfg["schedule"].items() if k != "stages"})
     quant_cfg = dict(cfg.get("quant") or {})
     validate_quant(quant_cfg)
+    distill_cfg = dict(cfg.get("distill") or {})
+    distilled = validate_distill(distill_cfg) == "kd"
     torch.manual_seed(seed)
     data = load_data(dict(cfg["dataset"]), seed)
     if dist.is_main:
@@ -97,9 +102,27 @@ def _run(
         model = model_from_checkpoint(
             resume_state, expect=model_name(cfg["model"]), quantized=False
         )
+        init = resume_state.get("init") or {}
     else:
         model, _ = build_model(cfg, data)
-        torch.manual_seed(seed)  # same data/dropout RNG whether or not the model was fresh
+        init = _init_record(model)
+    loss_fn = None
+    if distilled:  # before quantize_: `self` is the model as it starts, uncompressed
+        teacher = build_teacher(cfg, data, model, resumed=resume_state is not None)
+        loss_fn = Distiller(
+            teacher,
+            cross_entropy_loss(sched.label_smoothing),
+            float(distill_cfg.get("temperature", 4.0)),
+            float(distill_cfg.get("alpha", 0.9)),
+        )
+        if dist.is_main:
+            log.info(
+                "distilling from %s (T=%g, alpha=%g)",
+                distill_cfg.get("teacher", "self"),
+                loss_fn.temperature,
+                loss_fn.alpha,
+            )
+    torch.manual_seed(seed)  # same data/dropout RNG whether or not the model was fresh
 
     sparsity = dict(cfg.get("sparsity") or {})
     hooks: list[Callback] = []
@@ -113,7 +136,7 @@ def _run(
     clip = ClipLatentWeights(model)
     if clip.params:
         hooks.append(clip)
-    extra = {"dataset": data.name, "config": cfg}
+    extra = {"dataset": data.name, "config": cfg, "init": init}
     # rank 0 writes TensorBoard; the other ranks a null writer (no tb/ folder of theirs)
     tb = (
         SummaryWriter(
@@ -137,6 +160,7 @@ def _run(
             flip=bool(cfg["dataset"].get("flip", True)),
             writer=writer,
             dist=dist,
+            loss_fn=loss_fn,
         )
     w_bits, a_bits = bit_widths(model)
     metrics = {
@@ -149,6 +173,14 @@ def _run(
         "best_test_acc": summary["best_test_acc"],
         "epochs": summary["epochs"],
     }
+    if init:
+        metrics["init"] = init
+    if distilled:
+        metrics["distill"] = {
+            "teacher": str(distill_cfg.get("teacher", "self")),
+            "temperature": loss_fn.temperature,
+            "alpha": loss_fn.alpha,
+        }
     if dist.enabled:
         metrics["world_size"] = dist.world
     if not dist.is_main:  # the same numbers; the files and the model measurements are rank 0's
@@ -177,6 +209,16 @@ def _run(
     )
     dist.barrier()  # metrics.json is written when any rank returns
     return metrics
+
+
+def _init_record(model: torch.nn.Module) -> dict[str, Any]:
+    """Where the starting weights came from (a state_dict file, torchvision's weights) and
+    whether the classifier head was replaced (transfer learning), for metrics.json."""
+    record = dict(getattr(model, "init_source", None) or {})
+    transfer = getattr(model, "transfer", None)
+    if transfer:
+        record["new_head"] = transfer
+    return record
 
 
 def _file_size(path: Path) -> int | None:
