@@ -1,5 +1,6 @@
-"""Prune a trained model by network slimming and save the physically smaller one:
-`python prune.py ckpt=RUN/best.pt pruner=regular pruner.percent=0.5 pruner.base=16`."""
+"""Prune a trained model and save the physically smaller one:
+`python prune.py ckpt=RUN/best.pt pruner=regular pruner.percent=0.5 pruner.base=16`, or without
+sparse training `pruner.importance=l1|l2|taylor|fpgm` (`pruner.target=macs`: percent of MACs)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     """The entry's work on a composed config: tests call it in process."""
     with user_errors():
         m = prune_task.run(configstore.plain_config(cfg), run_dir)
+        print(
+            f"pruner {m['pruner']}: importance {m['importance']}, scope {m['scope']}, "
+            f"{m['percent']} of the {m['target']} removed"
+        )
         print(f"channels {m['channels_before']} -> {m['channels']}")
         print(
             f"params {m['params_before']} -> {m['params']} ({100 * m['params_ratio']:.1f}%), "

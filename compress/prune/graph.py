@@ -15,10 +15,11 @@ for this project's channel shuffle and option-A shortcut, see the README).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +30,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from compress.errors import CompressError
 from compress.models.blocks import Activation, ChannelShuffle
+from compress.prune.group import Group, Importance  # noqa: F401  (Importance re-exported)
+from compress.prune.importance import bn_scale_importance  # noqa: F401  (re-exported)
 from compress.quant.quantizers import Quantizer
 
 
@@ -214,23 +217,6 @@ class Layer:
     name: str
     module: nn.Module
     inputs: list[int] | None = None  # conv / linear / BN input atoms (one per channel/feature)
-
-
-@dataclass
-class Group:
-    """Coupled channels pruned together: `classes` are their atom classes, in the order of the
-    first layer that produces them; `cells` split them into parts that keep equal counts."""
-
-    index: int
-    layers: list[str]  # the conv / linear layers producing these channels
-    classes: list[int]
-    cells: list[torch.Tensor]  # indices into `classes`
-    # (BN name, its channels that scale this group, the class index of each of them)
-    bns: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-
-    @property
-    def channels(self) -> int:
-        return len(self.classes)
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -492,7 +478,9 @@ class ChannelGraph:
         walker = _Walker(self.gm, self.atoms, None)
         walker.run()
         self.walker = walker
+        self.image_shape = tuple(example.shape[1:])
         self.groups = self._groups()
+        self._macs: list[_MacLayer] | None = None
 
     def _groups(self) -> list[Group]:
         w, atoms = self.walker, self.atoms
@@ -570,11 +558,60 @@ class ChannelGraph:
                 (bn, torch.tensor([c for c, _ in pairs]), torch.tensor([k for _, k in pairs]))
                 for bn, pairs in ((bn, sorted(p)) for bn, p in per_bn.items())
             ]
+            for name in g.layers:  # which output channel of each producer makes which class
+                pairs = [
+                    (ch, index[atoms.find(a)])
+                    for ch, a in enumerate(w.spaces[name])
+                    if atoms.find(a) in index
+                ]
+                g.producers.append(
+                    (name, torch.tensor([c for c, _ in pairs]), torch.tensor([k for _, k in pairs]))
+                )
         return kept_groups
 
     def bn_names(self) -> list[str]:
         """BNs whose scales rank prunable channels (those network slimming regularizes)."""
         return sorted({bn for g in self.groups for bn, _, _ in g.bns})
+
+    # -- MACs
+    def macs_removed(self, keep: Sequence[torch.Tensor]) -> int:
+        """The multiply-accumulates per image that thinning to `keep` (class indices per group)
+        removes: what compress.metrics.count_macs says of the thinned model, subtracted from
+        what it says of this one, without building the thinned model (a MAC target bisects on
+        it). Every conv / linear layer the graph resizes runs once (a shared one is frozen)."""
+        if self._macs is None:
+            self._macs = self._mac_layers()
+        alive = torch.ones(len(self.atoms.parent), dtype=torch.bool)
+        for g, k in zip(self.groups, keep, strict=True):
+            dropped = torch.ones(g.channels, dtype=torch.bool)
+            dropped[k] = False
+            alive[torch.tensor(g.classes)[dropped]] = False
+        removed = 0
+        for layer in self._macs:
+            cin = int(alive[layer.ins].sum())
+            cout = cin if layer.outs is None else int(alive[layer.outs].sum())
+            removed += layer.macs(layer.cin, layer.cout) - layer.macs(cin, cout)
+        return removed
+
+    def _mac_layers(self) -> list[_MacLayer]:
+        nodes = {str(n.target): n for n in self.gm.graph.nodes if n.op == "call_module"}
+        find, out = self.atoms.find, []
+        for name, layer in self.walker.layers.items():
+            m = layer.module
+            if not isinstance(m, (nn.Conv2d, nn.Linear)):
+                continue
+            shape = _shape(nodes[name]) or ()
+            ins = torch.tensor([find(a) for a in layer.inputs or []], dtype=torch.long)
+            space = self.walker.spaces.get(name)
+            outs = None if space is None else torch.tensor([find(a) for a in space])
+            if isinstance(m, nn.Linear):
+                out.append(_MacLayer(ins, outs, len(ins), len(space or []), 1, 1, False))
+                continue
+            spatial = math.prod(shape[2:]) * math.prod(m.kernel_size)
+            depthwise = name in self.walker.depthwise
+            cout = len(ins) if outs is None else len(outs)
+            out.append(_MacLayer(ins, outs, len(ins), cout, m.groups, spatial, depthwise))
+        return out
 
     # -- thinning
     def thin_(self, keep: Sequence[torch.Tensor]) -> dict[str, dict[str, int]]:
@@ -605,6 +642,25 @@ class ChannelGraph:
             if w:
                 widths[name] = w
         return widths
+
+
+@dataclass
+class _MacLayer:
+    """A conv / linear layer's MACs per image as a function of its input / output widths:
+    the formula of compress.metrics.count_macs."""
+
+    ins: torch.Tensor  # the class root of each input channel
+    outs: torch.Tensor | None  # of each output channel (None: depthwise, out = in)
+    cin: int
+    cout: int
+    groups: int
+    per_pair: int  # output positions x kernel area (1 for a linear layer)
+    depthwise: bool
+
+    def macs(self, cin: int, cout: int) -> int:
+        if self.depthwise:  # groups == channels: one input channel per output channel
+            return cout * self.per_pair
+        return cout * (cin // self.groups) * self.per_pair
 
 
 def _positions(old: list[int], new: list[int], atoms: _Atoms) -> list[int] | None:
@@ -729,18 +785,3 @@ def apply_widths_(model: nn.Module, widths: dict[str, dict[str, int]]) -> nn.Mod
         else:
             raise PruneError(f"pruned widths for {name}: {type(m).__name__} is not resizable")
     return model
-
-
-Importance = Callable[[nn.Module, Group], torch.Tensor]
-
-
-def bn_scale_importance(model: nn.Module, group: Group) -> torch.Tensor:
-    """Network slimming's importance: |BN gamma| per channel, averaged over the BNs that scale
-    the channel (a residual stream or a depthwise conv has several)."""
-    total = torch.zeros(group.channels)
-    count = torch.zeros(group.channels)
-    for bn, chans, classes in group.bns:
-        gamma = model.get_submodule(bn).weight.detach().abs().float().cpu()
-        total.index_add_(0, classes, gamma[chans])
-        count.index_add_(0, classes, torch.ones(len(classes)))
-    return total / count.clamp_min(1)

@@ -1,15 +1,26 @@
-"""The prune task: slim checkpoint `cfg["ckpt"]` as `cfg["pruner"]` says, save `pruned.pt`."""
+"""The prune task: slim checkpoint `cfg["ckpt"]` as `cfg["pruner"]` says, save `pruned.pt`.
+
+One shot, no training: `pruner.steps > 1` (prune and finetune in turns) is a pipeline stage
+(compress.pipeline), which calls this task once per step with `reference` set to the stage's
+input, so every step's `percent` counts from the original model.
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compress.checkpoint import save_checkpoint
+import torch
+
+from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.cli import write_json
+from compress.config import PrunerConfig, TrainSettings, defaults, validate_pruner
+from compress.data import TensorLoader
 from compress.engine import evaluate
-from compress.prune import channel_graph, select_channels, thin
-from compress.prune.pruner import validate as validate_pruner
+from compress.errors import ConfigError
+from compress.prune import Reference, build_importance, channel_graph, select_channels, thin
 from compress.spec import arch_name, checkpoint_state, model_from_checkpoint, model_overrides
 from compress.tasks.common import (
     eval_loader,
@@ -21,17 +32,97 @@ from compress.tasks.common import (
 )
 
 
-def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
-    p = dict(cfg["pruner"])
-    kind, percent = p.get("name", "normal"), p.get("percent", 0.5)
-    base, min_channels = p.get("base", 1), p.get("min_channels")
-    validate_pruner(kind, percent, base, min_channels)
+class TrainBatches:
+    """The first `n` batches of training images, in the order training's first epoch takes
+    them (its augmentation included); the loader is made when they are first read."""
+
+    def __init__(self, data: Any, cfg: dict[str, Any], n: int, device: torch.device) -> None:
+        self.data, self.n, self.device = data, n, device
+        wanted = int((cfg.get("schedule") or {}).get("batch_size", TrainSettings.batch_size))
+        self.batch_size = max(1, min(wanted, len(data.train)))
+        self.seed = int(cfg.get("seed", 0))
+        dataset = cfg.get("dataset") or {}
+        self.crop_padding = int(dataset.get("crop_padding", 4))
+        self.flip = bool(dataset.get("flip", True))
+        self._loader: Any = None
+
+    def loader(self) -> Any:
+        if self._loader is None:
+            d, bs = self.data, self.batch_size
+            if hasattr(d, "loaders"):  # a streaming data set builds its own
+                self._loader = d.loaders(bs, bs, self.device, seed=self.seed)[0]
+            else:
+                self._loader = TensorLoader(
+                    d.train,
+                    bs,
+                    d.mean,
+                    d.std,
+                    self.device,
+                    train=True,
+                    crop_padding=self.crop_padding,
+                    flip=self.flip,
+                    seed=self.seed,
+                )
+        return self._loader
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.loader()))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return itertools.islice(iter(self.loader()), self.n)
+
+
+def pruner_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The run's `pruner` group, checked, with every key (defaults where left out)."""
+    p = {**defaults(PrunerConfig), **dict(cfg.get("pruner") or {})}
+    validate_pruner(p)
+    return p
+
+
+def run(
+    cfg: dict[str, Any],
+    run_dir: str | Path,
+    reference: str | Path | None = None,
+    metrics_file: str = "metrics.json",
+) -> dict[str, Any]:
+    """Prune once and write `pruned.pt` and `metrics_file`; returns the metrics.
+
+    `reference`: the checkpoint `pruner.percent` and `pruner.min_ratio` refer to (a pipeline's
+    iterative stage passes its input; default: `ckpt` itself).
+    """
+    p = pruner_settings(cfg)
+    if p["steps"] > 1:
+        raise ConfigError(
+            f"pruner.steps={p['steps']} prunes and finetunes in turns, and prune.py does not "
+            "train: use a pipeline stage (schedule.stages=[..., {stage: prune, pruner: "
+            f"{{steps: {p['steps']}}}}}] in train.py), or pruner.steps=1 here"
+        )
     run_dir, state = source_checkpoint(cfg, run_dir, "prune.py")
     model = model_from_checkpoint(state)  # as trained: quantized layers and learned clips
     data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
     device = resolve_device(cfg.get("device", "cpu"))
     graph = channel_graph(model, data.image_shape)
-    keep = select_channels(graph, kind, percent, base, min_channels)
+    ref = None
+    if reference is not None:
+        original = model_from_checkpoint(load_checkpoint(reference))
+        ref = Reference.of(channel_graph(original, data.image_shape))
+    has_train = len(data.train) > 0
+    batches = TrainBatches(data, cfg, p["batches"], device) if has_train else None
+    # scored on the device (taylor runs the model), selected and thinned on the CPU
+    importance = build_importance(p["importance"], model.to(device), graph.groups, batches)
+    model.cpu()
+    keep = select_channels(
+        graph,
+        p["name"],
+        p["percent"],
+        p["base"],
+        p["min_channels"],
+        importance,
+        scope=p["scope"],
+        target=p["target"],
+        min_ratio=p["min_ratio"],
+        reference=ref,
+    )
     small = thin(model, keep, data.image_shape)
     before, after = model_metrics(model, data), model_metrics(small, data)
     accs = {}
@@ -41,9 +132,13 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         "model": arch_name(model.arch),
         "model_overrides": model_overrides(model.arch),
         "dataset": data.name,
-        "pruner": kind,
-        "percent": percent,
-        "base": base,
+        "pruner": p["name"],
+        "importance": p["importance"],
+        "scope": p["scope"],
+        "target": p["target"],
+        "percent": p["percent"],
+        "base": p["base"],
+        "min_ratio": p["min_ratio"],
         "channels_before": [g.channels for g in graph.groups],
         "channels": [len(k) for k in keep],
         "test_acc_before": accs["before"],
@@ -56,6 +151,13 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         "params_ratio": after["params"] / before["params"],
         "macs_ratio": after["macs"] / before["macs"],
     }
+    if ref is not None:
+        metrics.update(
+            reference=str(reference),
+            channels_reference=ref.channels,
+            macs_reference=ref.macs,
+            macs_ratio_reference=after["macs"] / ref.macs,
+        )
     save_checkpoint(
         run_dir / "pruned.pt",
         checkpoint_state(
@@ -66,5 +168,5 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
             test_acc=accs["after"],
         ),
     )
-    write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / metrics_file, metrics)
     return metrics
