@@ -3,7 +3,9 @@
 `fit` is a plain loop: for each epoch, train, evaluate, log, checkpoint (`last.pt` every epoch,
 `best.pt` when test accuracy improves). All state needed to continue (weights, optimizer,
 scheduler, epoch, RNG) is in `last.pt`, and the data order of epoch k depends only on
-(seed, k), so a resumed run ends with the same weights as an uninterrupted one.
+(seed, k), so a resumed run ends with the same weights as an uninterrupted one. A run that
+diverges (a NaN or inf training loss, weight or test loss) stops with a DivergenceError before
+it writes that epoch's checkpoints: `best.pt` never comes from a diverged epoch.
 
 Data-parallel (under torchrun, `compress.distributed`): `fit` wraps the model in
 DistributedDataParallel, each process reads its shard of every epoch, and
@@ -44,7 +46,7 @@ from compress.config import (  # noqa: F401  (re-exported: the choices lived her
 from compress.data import DataSet, TensorLoader
 from compress.distill import LossFn, cross_entropy_loss
 from compress.distributed import Dist, check_resume_world, current
-from compress.errors import ConfigError
+from compress.errors import ConfigError, DivergenceError
 from compress.spec import checkpoint_state
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,7 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.long, device=loader.device)
     n = 0
     bar = tqdm(loader, desc=desc, leave=False, disable=None if show else True)
+    step = -1
     for step, (x, y) in enumerate(bar):
         with autocast(loader.device, cfg.precision):
             out = model(x)
@@ -205,14 +208,51 @@ def train_one_epoch(
         total_loss += loss.detach() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
         n += len(y)
-        # A host sync on a GPU: check now and then; the running sum keeps any NaN / inf.
-        if (step % 25 == 24 or step == len(loader) - 1) and not torch.isfinite(total_loss):
-            raise FloatingPointError(
-                f"training loss became non-finite by step {step}; lower schedule.lr"
+        # A host sync on a GPU: check now and then (the running sum keeps any NaN / inf), and
+        # after the last step below, whatever the number of steps
+        if step % 25 == 24 and not torch.isfinite(total_loss):
+            raise DivergenceError(
+                f"training diverged: the loss became non-finite by step {step}; lower schedule.lr"
             )
     if dist is not None and dist.enabled:
         total_loss, correct, n = _sum_over_ranks(dist, total_loss, correct, n)
+    if not torch.isfinite(total_loss):  # summed over ranks: every rank stops
+        raise DivergenceError(
+            f"training diverged: the loss became non-finite by step {step}; lower schedule.lr"
+        )
+    check_finite_weights(inner, dist)
     return {"acc": 100.0 * correct.item() / max(n, 1), "loss": total_loss.item() / max(n, 1)}
+
+
+def check_finite_weights(model: nn.Module, dist: Dist | None = None) -> None:
+    """Raise DivergenceError when a parameter or a BN running statistic of `model` holds a NaN
+    or inf (the last optimizer step of an epoch can make them so after the loss was computed).
+    Other buffers are not checked: a model may keep an inf on purpose (a -inf attention mask).
+    One host sync; with `dist` enabled the verdict is all ranks' (BN buffers are per rank)."""
+    bn = nn.modules.batchnorm._BatchNorm
+    stats = [
+        (f"{name}.{k}" if name else k, t)
+        for name, m in model.named_modules()
+        if isinstance(m, bn)
+        for k, t in m.named_buffers(recurse=False)
+    ]
+    named = [(k, t) for k, t in [*model.named_parameters(), *stats] if t.is_floating_point()]
+    if not named:
+        return
+    finite = torch.stack([t.detach().isfinite().all() for _, t in named])
+    bad = (~finite).sum().double()
+    if dist is not None and dist.enabled:
+        bad = bad.reshape(1)
+        dist.all_reduce_sum(bad)
+    if bad.item() == 0:
+        return
+    names = [k for (k, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+    where = names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "") if names else ""
+    raise DivergenceError(
+        "training diverged: the weights became non-finite"
+        + (f" ({where})" if where else " on another process")
+        + "; lower schedule.lr"
+    )
 
 
 def make_loaders(
@@ -299,6 +339,12 @@ def _wrap(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return nn.parallel.DistributedDataParallel(model, device_ids=[index])
     return nn.parallel.DistributedDataParallel(model)
+
+
+def _kept(history: list[dict[str, Any]], best: float) -> str:
+    """Which epoch best.pt holds (the first to reach the best accuracy), for an error."""
+    epoch = next((h["epoch"] for h in history if h["test_acc"] == best), None)
+    return f"best.pt holds epoch {epoch}" if epoch else "no best.pt was written"
 
 
 def fit(
@@ -394,6 +440,11 @@ def fit(
                 # saves) rank 0's
                 dist.broadcast_buffers(model)
                 te = evaluate(model, test_loader, cfg.precision, dist)
+                if not math.isfinite(te["loss"]):  # before any checkpoint of this epoch
+                    raise DivergenceError(
+                        f"training diverged: the test loss is {te['loss']} after epoch "
+                        f"{epoch + 1} ({_kept(history, best)}); lower schedule.lr"
+                    )
             else:
                 te = none
             wall += time.perf_counter() - t0

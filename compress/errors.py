@@ -32,3 +32,8 @@ def check(condition: bool, key: str, value: Any, allowed: str) -> None:
 def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
     check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+class DivergenceError(FloatingPointError):
+    """Training diverged: a loss or a weight became NaN or inf. A FloatingPointError, not a
+    CompressError: the input was valid, the run was not (the entry points exit with 3, not 2)."""

@@ -251,7 +251,10 @@ def run_pipeline(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         else:
             stage_cfg["resume"] = bool(cfg.get("resume")) and _started(kind, stage_dir)
             log.info("stage %s (%s)%s", folder, kind, " resumed" if stage_cfg["resume"] else "")
-            ckpt = STAGE_KINDS[kind](stage_cfg, stage_dir)
+            try:
+                ckpt = STAGE_KINDS[kind](stage_cfg, stage_dir)
+            except FloatingPointError as e:  # divergence: say which stage (same type: exit 3)
+                raise type(e)(f"stage {folder}: {e}") from e
             # relative to the stage folder: an iterative prune stage's is in a step's folder
             name = ckpt.relative_to(stage_dir) if ckpt.is_relative_to(stage_dir) else ckpt.name
             write_json(done, {"kind": kind, "checkpoint": str(name)})

@@ -82,7 +82,7 @@ def test_corrupt_truncated_and_foreign_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match=r"trunc.pt is corrupt or truncated"):
         load_checkpoint(tmp_path / "trunc.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"junk.pt is corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=r"junk.pt is a text file \(it begins 'not a"):
         load_checkpoint(tmp_path / "junk.pt")
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a compress checkpoint"):
