@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.data import datasets  # noqa: F401  (registers the in-memory data sets)
+from compress.data.checks import require_root, subset_size
 from compress.data.datasets import DataSet
 from compress.data.folder import FolderDataSet, load_streaming
 from compress.data.registry import get_loader, list_datasets
@@ -21,10 +22,12 @@ def load_dataset(
     seed: int = 0,
     **kwargs: Any,
 ) -> DataSet | FolderDataSet:
-    """Load a registered data set by name, optionally cut to seeded random subsets."""
+    """Load a registered data set by name, optionally cut to seeded random subsets (a subset
+    larger than its split is all of it, with a warning)."""
     check_choice("dataset.name", name, list_datasets())
     for key, n in (("train_subset", train_subset), ("test_subset", test_subset)):
         check(n is None or n >= 1, f"dataset.{key}", n, "a positive integer or null")
+    require_root(name, root)
     if "streaming" in kwargs:  # image folders: read from disk batch by batch (folder.py), or not
         streamed = load_streaming(
             name, Path(root), download, train_subset, test_subset, seed, kwargs
@@ -32,6 +35,8 @@ def load_dataset(
         if streamed is not None:
             return streamed  # type: ignore[return-value]
     ds = get_loader(name)(root=Path(root), download=download, **kwargs)
+    train_subset = subset_size("train_subset", train_subset, len(ds.train), "training")
+    test_subset = subset_size("test_subset", test_subset, len(ds.test), "test")
     ds.train = ds.train.subset(train_subset, seed)
     ds.test = ds.test.subset(test_subset, seed + 1)
     return ds

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from compress.data.checks import UNREADABLE, image_folder_layout, refuse_empty_classes
 from compress.data.registry import register_dataset
 from compress.errors import DataError
 
@@ -93,11 +96,34 @@ CIFAR10_CLASSES = [
 ]
 
 
+# What a CIFAR batch pickle may name: numpy arrays, their dtypes and the bytes inside them
+# (as protocols 2 to 5 write them), nothing that runs code.
+_CIFAR_GLOBALS = {
+    *((f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's python release is pickled: unpickle plain data and numpy arrays only, so a
+    foreign pickle in the data folder is refused instead of run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which a CIFAR batch never does (refused unread)"
+            )
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     """Images, labels and the file's MD5, from one read of the file."""
     raw = path.read_bytes()
     try:
-        entry = pickle.loads(raw, encoding="latin1")
+        entry = _ArraysOnly(io.BytesIO(raw), encoding="latin1").load()
         data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(entry["labels"], dtype=np.int64)
     except Exception as e:  # truncated or foreign file
@@ -105,10 +131,21 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray, str]:
     return data, labels, hashlib.md5(raw).hexdigest()
 
 
+def _partial(name: str, folder: Path, missing: list[str], expected: str) -> DataError:
+    """Some files of a data set are there and some are not: name the missing ones."""
+    return DataError(
+        f"dataset {name}: {folder} lacks {', '.join(missing)} ({len(missing)} of {expected}); "
+        "copy the complete folder, or pass dataset.download=true to fetch the missing files"
+    )
+
+
 @register_dataset
 def load_cifar10(root: Path, download: bool = False) -> DataSet:
     folder = root / "cifar-10-batches-py"
-    if not all((folder / f).exists() for f in CIFAR10_FILES):
+    missing = [f for f in CIFAR10_FILES if not (folder / f).is_file()]
+    if missing:
+        if not download and len(missing) < len(CIFAR10_FILES):
+            raise _partial("cifar10", folder, missing, "data_batch_1..5 and test_batch")
         if not download:
             raise _missing("cifar10", folder)
         from torchvision.datasets.utils import download_and_extract_archive
@@ -185,9 +222,13 @@ def _load_idx_dataset(
     std: float,
 ) -> DataSet:
     paths = {k: _find_idx(root, folders, stem) for k, stem in _IDX.items()}
-    if any(p is None for p in paths.values()):
-        if not download:
-            raise _missing(name, root / folders[0], f" (looked in {', '.join(folders)})")
+    found = [p for p in paths.values() if p is not None]
+    if len(found) < len(paths) and not download:
+        if found:  # the folder is there, some files are not
+            missing = [f"{_IDX[k]}(.gz)" for k, p in paths.items() if p is None]
+            raise _partial(name, found[0].parent, missing, "the 4 IDX files")
+        raise _missing(name, root / folders[0], f" (looked in {', '.join(folders)})")
+    if len(found) < len(paths):
         from torchvision.datasets.utils import download_url
 
         for key, stem in _IDX.items():
@@ -250,34 +291,50 @@ def load_fashion_mnist(root: Path, download: bool = False) -> DataSet:
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
-def _read_folder(folder: Path, classes: list[str], size: int) -> Split:
+def _read_folder(folder: Path, classes: list[str], size: int, skip_corrupt: bool = False) -> Split:
+    """Every image of one split, decoded and resized; an unreadable one is a DataError naming
+    it, or with `skip_corrupt` left out and counted in the log."""
     from PIL import Image
 
-    images, labels = [], []
+    images, labels, skipped = [], [], []
+    counts = [0] * len(classes)
     for label, cls in enumerate(classes):
         for p in sorted((folder / cls).iterdir()):
-            if p.suffix.lower() in _IMAGE_SUFFIXES:
-                img = Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)
-                images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-                labels.append(label)
-    if not images:
-        raise DataError(f"dataset imagefolder: no images under {folder}/<class>/")
+            if p.suffix.lower() not in _IMAGE_SUFFIXES or not p.is_file():
+                continue
+            try:
+                with Image.open(p) as im:
+                    img = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            except UNREADABLE as e:
+                if not skip_corrupt:
+                    raise DataError(f"dataset imagefolder: cannot read image {p}: {e}") from None
+                skipped.append(f"{p}: {e}")
+                continue
+            images.append(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+            labels.append(label)
+            counts[label] += 1
+    if skipped:
+        log.warning(
+            "dataset imagefolder: skipped %d unreadable of %d images in %s "
+            "(dataset.skip_corrupt=true); the first: %s",
+            len(skipped),
+            len(skipped) + len(images),
+            folder,
+            skipped[0],
+        )
+    exts = " ".join(sorted(_IMAGE_SUFFIXES))
+    refuse_empty_classes("imagefolder", folder, classes, counts, exts)
     return Split(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64))
 
 
 @register_dataset
-def load_imagefolder(root: Path, download: bool = False, image_size: int = 32) -> DataSet:
+def load_imagefolder(
+    root: Path, download: bool = False, image_size: int = 32, skip_corrupt: bool = False
+) -> DataSet:
     """A user's own images: root/train/<class>/*.png and root/test/<class>/*.png (or val/)."""
-    train_dir = root / "train"
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        raise DataError(
-            f"dataset imagefolder: expected {root}/train/<class>/ and "
-            f"{root}/test/<class>/ (or val/) folders of images"
-        )
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
-    train = _read_folder(train_dir, classes, image_size)
-    test = _read_folder(test_dir, classes, image_size)
+    train_dir, test_dir, classes = image_folder_layout("imagefolder", root, ("test", "val"))
+    train = _read_folder(train_dir, classes, image_size, bool(skip_corrupt))
+    test = _read_folder(test_dir, classes, image_size, bool(skip_corrupt))
     x = train.images.float() / 255
     mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
     std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())

@@ -12,6 +12,7 @@ Layout (torchvision's ImageFolder): ROOT/train/<class>/*.jpg and ROOT/val/<class
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,9 +21,19 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import default_collate as torch_collate
 
+from compress.data.checks import (
+    UNREADABLE,
+    image_folder_layout,
+    refuse_empty_classes,
+    require_root,
+    subset_size,
+)
 from compress.data.registry import register_dataset
 from compress.errors import ConfigError, DataError, check
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,10 +59,14 @@ class FolderSplit(Dataset):
     """One split of an image folder: `len()`, `labels`, and transformed uint8 (C, H, W) samples.
 
     Wraps a torchvision ImageFolder, or a `Subset` of one; reading happens only when indexed.
+    An unreadable image is a DataError naming the file, or with `skip_corrupt` a sample
+    `(None, "PATH: reason")` that the loader drops and counts.
     """
 
-    def __init__(self, data: Any, train: bool, name: str = "imagefolder") -> None:
-        self.data, self.train, self.name = data, train, name
+    def __init__(
+        self, data: Any, train: bool, name: str = "imagefolder", skip_corrupt: bool = False
+    ) -> None:
+        self.data, self.train, self.name, self.skip_corrupt = data, train, name, skip_corrupt
 
     @property
     def folder(self) -> Any:
@@ -78,15 +93,30 @@ class FolderSplit(Dataset):
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         base = [self._base_index(int(i)) for i in idx]
-        return FolderSplit(Subset(self.folder, base), self.train, self.name)
+        return FolderSplit(Subset(self.folder, base), self.train, self.name, self.skip_corrupt)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int | str]:
         try:
             x, y = self.data[i]
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or foreign file
+        except UNREADABLE as e:
             path = self.folder.samples[self._base_index(i)][0]
+            if self.skip_corrupt:
+                return None, f"{path}: {e}"
             raise DataError(f"dataset {self.name}: cannot read image {path}: {e}") from None
         return x.as_subclass(torch.Tensor), y
+
+
+def collate_readable(
+    samples: list[tuple[torch.Tensor | None, Any]],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """A batch of the readable samples, and the "PATH: reason" of those skipped (`skip_corrupt`);
+    (None, None, skipped) when none of them could be read."""
+    good = [s for s in samples if s[0] is not None]
+    skipped = [s[1] for s in samples if s[0] is None]
+    if not good:
+        return None, None, skipped
+    x, y = torch_collate(good)
+    return x, y, skipped
 
 
 class _SeededSamples(Dataset):
@@ -201,18 +231,39 @@ class FolderLoader:
             pin_memory=self.device.type == "cuda",
             drop_last=self.train and len(sampler) >= self.batch_size,
             persistent_workers=False,
+            collate_fn=collate_readable if self.split.skip_corrupt else None,
             # worker seeds from here, not from (and advancing) the global RNG
             generator=torch.Generator().manual_seed(base_seed),
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        skipped: list[str] = []
         try:
-            for x, y in self.dataloader():
+            for batch in self.dataloader():
+                x, y = batch[:2]
+                if self.split.skip_corrupt:
+                    skipped += batch[2]
+                    if x is None:  # every image of the batch unreadable
+                        continue
                 x = x.to(self.device, non_blocking=True)
                 yield self.normalize(x), y.to(self.device, non_blocking=True)
         except DataError as e:  # from a worker, the message holds its traceback: keep our line
             last = str(e).strip().splitlines()[-1]
             raise DataError(last.split("DataError: ", 1)[-1]) from None
+        finally:  # also when the reader stops early (calibration reads a few batches)
+            self._log_skipped(skipped)
+
+    def _log_skipped(self, skipped: list[str]) -> None:
+        if skipped:
+            log.warning(
+                "dataset %s: skipped %d unreadable of %d %s images in this pass "
+                "(dataset.skip_corrupt=true); the first: %s",
+                self.split.name,
+                len(skipped),
+                len(self.sampler()),
+                "training" if self.train else "test",
+                skipped[0],
+            )
 
 
 @dataclass
@@ -257,31 +308,13 @@ class FolderDataSet:
         return train, test
 
 
-def _classes(name: str, folder: Path) -> list[str]:
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    if not classes:
-        raise DataError(
-            f"dataset {name}: no images under {folder}/<class>/ (no class folders; "
-            f"each image goes into {folder}/<class>/)"
-        )
-    return classes
-
-
 def _image_folder(name: str, folder: Path, classes: list[str], transform: Any) -> Any:
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     ds = ImageFolder(str(folder), transform=transform, allow_empty=True)
     counts = torch.bincount(torch.as_tensor(ds.targets, dtype=torch.int64), minlength=len(classes))
-    exts = " ".join(IMG_EXTENSIONS)
-    if not ds.samples:
-        raise DataError(f"dataset {name}: no images under {folder}/<class>/ (looked for {exts})")
-    empty = [c for c, k in zip(classes, counts.tolist(), strict=True) if k == 0]
-    if empty:
-        raise DataError(
-            f"dataset {name}: class folder {folder / empty[0]} has no images "
-            f"({len(empty)} empty: {', '.join(empty[:5])}; looked for {exts})"
-        )
+    refuse_empty_classes(name, folder, classes, counts.tolist(), " ".join(IMG_EXTENSIONS))
     return ds
 
 
@@ -294,11 +327,14 @@ def load_image_folder_stream(
     test_subset: int | None = None,
     seed: int = 0,
     name: str = "imagefolder",
+    skip_corrupt: bool = False,
 ) -> FolderDataSet:
     """Index ROOT/train/<class>/ and ROOT/val/<class>/ (or test/) without reading any image.
 
     Training: RandomResizedCrop(image_size) + flip. Test: Resize(resize) + CenterCrop, where
     resize defaults to image_size / 0.875 (256 for 224, the usual ImageNet protocol).
+    An unreadable image stops the run with a line naming it when it is read, or with
+    `skip_corrupt` is left out of its batch and counted in the log each pass.
     """
     root = Path(root)
     check(int(image_size) >= 1, "dataset.image_size", image_size, "a positive integer")
@@ -312,40 +348,15 @@ def load_image_folder_stream(
     )
     for key, n in (("train_subset", train_subset), ("test_subset", test_subset)):
         check(n is None or n >= 1, f"dataset.{key}", n, "a positive integer or null")
-    if not root.is_dir():
-        raise DataError(
-            f"dataset {name}: {root} not found; set dataset.root (or "
-            "COMPRESS_DATA_DIR) to the folder that holds train/ and val/"
-        )
-    train_dir = root / "train"
-    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if not train_dir.is_dir() or test_dir is None:
-        missing = "train/" if not train_dir.is_dir() else "val/ (or test/)"
-        raise DataError(
-            f"dataset {name}: no {missing} folder in {root}: expected "
-            f"{root}/train/<class>/ and {root}/val/<class>/ (or test/) folders of images"
-        )
-    classes = _classes(name, train_dir)
-    test_classes = _classes(name, test_dir)
-    if classes != test_classes:
-        only_train = sorted(set(classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(classes))
-        side = (
-            f"{', '.join(only_train[:5])} in train/ but not in {test_dir.name}/"
-            if only_train
-            else f"{', '.join(only_test[:5])} in {test_dir.name}/ but not in train/"
-        )
-        raise DataError(
-            f"dataset {name}: the labels would not match: class {side} "
-            f"({len(only_train) + len(only_test)} differ); both need the same "
-            "class folders"
-        )
-    train = FolderSplit(
-        _image_folder(name, train_dir, classes, _transform(True, image_size, resize)), True, name
-    )
-    test = FolderSplit(
-        _image_folder(name, test_dir, classes, _transform(False, image_size, resize)), False, name
-    )
+    require_root(name, root)
+    train_dir, test_dir, classes = image_folder_layout(name, root, ("val", "test"))
+    skip = bool(skip_corrupt)
+    train_set = _image_folder(name, train_dir, classes, _transform(True, image_size, resize))
+    test_set = _image_folder(name, test_dir, classes, _transform(False, image_size, resize))
+    train = FolderSplit(train_set, True, name, skip)
+    test = FolderSplit(test_set, False, name, skip)
+    train_subset = subset_size("train_subset", train_subset, len(train), "training")
+    test_subset = subset_size("test_subset", test_subset, len(test), "test")
     return FolderDataSet(
         name,
         train.subset(train_subset, seed),
@@ -363,10 +374,13 @@ def load_imagenet(
     image_size: int = 224,
     resize: int | None = None,
     workers: int | None = None,
+    skip_corrupt: bool = False,
 ) -> FolderDataSet:
     """ImageNet (ILSVRC-2012) in torchvision's ImageFolder layout, streamed from disk."""
     _no_download("imagenet", download)
-    return load_image_folder_stream(root, image_size, resize, workers, name="imagenet")
+    return load_image_folder_stream(
+        root, image_size, resize, workers, name="imagenet", skip_corrupt=skip_corrupt
+    )
 
 
 def _no_download(name: str, download: bool) -> None:
