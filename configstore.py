@@ -5,29 +5,43 @@
 primary config, so Hydra itself rejects a misspelt key or a value of the wrong type while it
 composes the config (`schedule.epoch=3`, `quant.weight.bitz=3`, `schedule.epochs=abc`):
 
-    group     name            node                      extended by
-    schedule  base_schedule   ScheduleConfig            conf/schedule/*.yaml
-    quant     base_quant      QuantConfig               conf/quant/*.yaml
-    pruner    base_pruner     PrunerConfig              conf/pruner/*.yaml
-    distill   base_distill    DistillConfig             conf/distill/*.yaml
-    -         base_train      TrainRun (sparsity, ...)  conf/train.yaml
-    -         base_prune      PruneRun                  conf/prune.yaml
-    -         base_fuse       FuseRun                   conf/fuse.yaml
+    name            node                      extended by
+    base_schedule   ScheduleConfig            conf/schedule/*.yaml
+    base_quant      QuantConfig               conf/quant/*.yaml
+    base_pruner     PrunerConfig              conf/pruner/*.yaml
+    base_distill    DistillConfig             conf/distill/*.yaml
+    base_train      TrainRun (sparsity, ...)  conf/train.yaml
+    base_prune      PruneRun                  conf/prune.yaml
+    base_fuse       FuseRun                   conf/fuse.yaml
 
-Each YAML file starts with `defaults: [base_x, _self_]` and holds only what differs from the
-schema's defaults. Range checks (bits, percent, lr, ...) stay in `compress.config`, which the
-library runs on the composed config (and library users on their own dicts).
+Each group's YAML file starts with `defaults: [/base_x@_here_, _self_]` and holds only what
+differs from the schema's defaults; an entry's YAML with `defaults: [base_x, _self_]`. The
+group schemas are stored outside their groups (no `group=`) and pulled in by absolute name into
+the file's own package (`@_here_`), so Hydra does not list them among a group's options: a
+misspelt `quant=w4a5` lists fp32, w4a4, ..., and `--help` only the real choices. Range checks
+(bits, percent, lr, ...) stay in `compress.config`, which the library runs on the composed
+config (and library users on their own dicts).
 See https://hydra.cc/docs/tutorials/structured_config/schema/.
+
+It also holds what every entry point does with Hydra around its `run(cfg, run_dir)`:
+`hydra_job` (a multirun job that fails is recorded and the sweep goes on) and
+`exit_if_jobs_failed` (the process then exits 1).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from compress.cli import sweep_job
 from compress.config import (
     DistillConfig,
     PrunerConfig,
@@ -35,6 +49,9 @@ from compress.config import (
     ScheduleConfig,
     SparsityConfig,
 )
+from compress.report import SweepReport
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,13 +108,34 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     return plain
 
 
+def hydra_job(run: Callable[[DictConfig, Path], T], cfg: DictConfig) -> T | float:
+    """Call an entry point's `run(cfg, run_dir)` in the run directory Hydra chose.
+
+    In a multirun (`-m`) through `compress.cli.sweep_job`: the entry's error handler exits on
+    a bad value, and an exit inside a job ends Hydra's whole sweep, so a failing job is
+    recorded in its failed.json instead (NaN to the sweeper) and the next job runs."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return sweep_job(lambda: run(cfg, run_dir), run_dir)
+    return run(cfg, run_dir)
+
+
+def exit_if_jobs_failed() -> None:
+    """After the Hydra main returned: exit 1 when the multirun that just ended had a failed or
+    diverged job. The sweep report (compress.report.SweepReport, the callback every entry's
+    conf/hydra/default.yaml configures) has been written by then and says which."""
+    if SweepReport.failed:
+        sys.exit(1)
+
+
 def register() -> None:
     """Store the schemas (idempotent: storing again replaces the same entries)."""
     cs = ConfigStore.instance()
-    cs.store(group="schedule", name="base_schedule", node=ScheduleConfig)
-    cs.store(group="quant", name="base_quant", node=QuantConfig)
-    cs.store(group="pruner", name="base_pruner", node=PrunerConfig)
-    cs.store(group="distill", name="base_distill", node=DistillConfig)
+    cs.store(name="base_schedule", node=ScheduleConfig)
+    cs.store(name="base_quant", node=QuantConfig)
+    cs.store(name="base_pruner", node=PrunerConfig)
+    cs.store(name="base_distill", node=DistillConfig)
     cs.store(name="base_train", node=TrainRun)
     cs.store(name="base_prune", node=PruneRun)
     cs.store(name="base_fuse", node=FuseRun)

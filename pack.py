@@ -9,9 +9,9 @@ from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+import configstore  # hydra_job / exit_if_jobs_failed, shared by every entry point
 from compress.cli import user_errors
 from compress.pack import pack_checkpoint, table
 
@@ -29,9 +29,8 @@ class PackRun:
 ConfigStore.instance().store(name="base_pack", node=PackRun)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="pack")
-def main(cfg: DictConfig) -> float:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """The entry's work on a composed config: tests call it in process."""
     with user_errors():
         ckpt = None if OmegaConf.is_missing(cfg, "ckpt") else cfg.ckpt
         metrics = pack_checkpoint(ckpt, run_dir, cfg.seed, cfg.batch, cfg.image_size)
@@ -40,5 +39,11 @@ def main(cfg: DictConfig) -> float:
         return metrics["ratio"]
 
 
+@hydra.main(version_base="1.3", config_path="conf", config_name="pack")
+def main(cfg: DictConfig) -> float:
+    return configstore.hydra_job(run, cfg)  # in a multirun a failing job is recorded, not fatal
+
+
 if __name__ == "__main__":
     main()
+    configstore.exit_if_jobs_failed()

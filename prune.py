@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import configstore  # stores the config schemas in Hydra's ConfigStore on import
@@ -40,8 +39,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prune")
 def main(cfg: DictConfig) -> float:
-    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    return configstore.hydra_job(run, cfg)  # in a multirun a failing job is recorded, not fatal
 
 
 if __name__ == "__main__":
     main()
+    configstore.exit_if_jobs_failed()

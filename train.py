@@ -15,12 +15,10 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import configstore  # stores the config schemas in Hydra's ConfigStore on import
-from compress.cli import sweep_job, user_errors
+from compress.cli import user_errors
 from compress.distributed import (
     Dist,
     distributed_argv,
@@ -33,7 +31,6 @@ from compress.distributed import (
 )
 from compress.errors import CompressError, ConfigError
 from compress.pipeline import run_pipeline
-from compress.report import SweepReport
 from compress.tasks.common import resolve_device
 
 
@@ -67,11 +64,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:  # a failing job is recorded; the sweep goes on
-        return sweep_job(lambda: run(cfg, run_dir), run_dir)
-    return run(cfg, run_dir)
+    return configstore.hydra_job(run, cfg)  # in a multirun a failing job is recorded, not fatal
 
 
 if __name__ == "__main__":
@@ -80,5 +73,4 @@ if __name__ == "__main__":
         sys.argv = distributed_argv(sys.argv, scratch)
     with scratch_removed(scratch):
         main()
-    if SweepReport.failed:  # the sweep report is written; say that not every job finished
-        sys.exit(1)
+    configstore.exit_if_jobs_failed()  # the sweep report is written; say not every job finished

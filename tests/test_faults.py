@@ -10,10 +10,17 @@ nobody reads, load the original tensors exactly).
 
 from __future__ import annotations
 
+import importlib
+import json
+import logging
 import math
+import os
 import pickle
 import random
+import signal
 import struct
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -21,18 +28,23 @@ from typing import Any
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ValidationError
 from torch import nn
 
 from compress import engine
 from compress.checkpoint import checksum, load_checkpoint, load_weights_file, save_checkpoint
+from compress.deploy.ptq import calibration_loader
 from compress.engine import Callback, TrainConfig
 from compress.errors import CheckpointError, CompressError, DivergenceError
 from compress.models import create_model
 from compress.pipeline import run_pipeline
+from compress.quant import quantize_
 from compress.tasks.common import build_model, load_data, read_source, source_checkpoint
 from compress.tasks.export import load_source
 from compress.tasks.train import run as run_training
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY
+from tests.test_config import GROUPS, UNKNOWN_KEY, compose_cfg
 from tests.test_engine import tiny_cfg
 from tests.test_pipeline import staged
 
@@ -436,3 +448,349 @@ def test_two_flipped_bytes_in_the_weights_are_refused_in_one_line(real_ckpt, ent
     result = entry("fuse", f"ckpt={bad}", run_dir=tmp_path / "run")
     assert_entry_line(result, 2, fragment)
     assert not (tmp_path / "run" / "fused.pt").exists()
+
+
+# ---------------------------------------------------------------- config typos
+# Hydra's own multi-line message stays (it names the key, or the group and its options); the
+# entry exits 1 with it, no traceback (test_config.py: train's misspelt keys and wrong types).
+def yaml_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+def listed_options(message: str) -> list[str]:
+    """The options under Hydra's "Available options in 'GROUP':" (one per tab-indented line)."""
+    after = message.split("Available options in ", 1)[1].split("Config search path", 1)[0]
+    return [line.strip() for line in after.splitlines()[1:] if line.startswith("\t")]
+
+
+def test_a_misspelt_quant_lists_the_real_choices_not_the_schema():
+    with pytest.raises(MissingConfigException) as e:
+        compose_cfg("train", ["quant=w4a5"])
+    msg = str(e.value)
+    assert "Could not find 'quant/w4a5'" in msg and "Available options in 'quant':" in msg
+    assert "w4a4" in listed_options(msg) and "base_quant" not in msg
+
+
+@pytest.mark.parametrize(
+    ("script", "group"),
+    [
+        *[("train", g) for g in GROUPS["train"]],
+        *[(s, g) for s in ("prune", "fuse", "calibrate", "export") for g in ("dataset", "model")],
+        ("prune", "pruner"),
+    ],
+)
+def test_a_misspelt_option_of_every_group_lists_exactly_its_files(script, group):
+    """No schema (base_quant, ...) among them, and no group where a misspelling is silently
+    skipped (an `optional` group: `experiment=quickstrat` trained the defaults for hours)."""
+    with pytest.raises(MissingConfigException) as e:
+        compose_cfg(script, [f"{group}=nosuch"])
+    msg = str(e.value)
+    assert f"Could not find '{group}/nosuch'" in msg, msg
+    assert listed_options(msg) == yaml_options(group)
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "key", "error"),
+    [
+        ("prune", "pruner.percnt=0.5", "pruner.percnt", UNKNOWN_KEY),
+        ("fuse", "ckpt_path=x.pt", "ckpt_path", UNKNOWN_KEY),
+        ("calibrate", "calib.methd=kl", "calib.methd", UNKNOWN_KEY),
+        ("calibrate", "calib.batches=many", "calib.batches", ValidationError),
+        ("export", "formt=onnx", "formt", UNKNOWN_KEY),
+        ("pack", "batchsize=2", "batchsize", UNKNOWN_KEY),
+    ],
+)
+def test_a_misspelt_key_of_every_entry_fails_at_compose_naming_it(script, override, key, error):
+    importlib.import_module(script)  # pack.py stores its own schema
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg(script, [override])
+    assert isinstance(e.value.__cause__, error) and f"full_key: {key}" in str(e.value.__cause__)
+
+
+@pytest.mark.slow
+def test_config_typos_on_the_command_line_exit_1_with_hydras_message(cli, tmp_path):
+    proc = cli("train.py", "quant=w4a5", f"hydra.run.dir={tmp_path}/a")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
+    assert "Could not find 'quant/w4a5'" in proc.stderr and "\tw4a4\n" in proc.stderr
+    assert "base_quant" not in proc.stderr
+    proc = cli("prune.py", "ckpt=x.pt", "pruner.percnt=0.5", f"hydra.run.dir={tmp_path}/b")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr + proc.stdout
+    assert "Key 'percnt' not in 'PrunerConfig'" in proc.stderr, proc.stderr
+    assert "full_key: pruner.percnt" in proc.stderr
+
+
+# ---------------------------------------------------------------- out of range, wrong checkpoints
+# train.py's range errors: test_cli.py (schedule.*, quant.*) and test_config.py (validate_run);
+# files that are no checkpoint: above; init_from a checkpoint of another model family and a
+# fused checkpoint into fuse.py: test_cli.py.
+DATA = ("dataset=synthetic", "dataset.num_train=64", "dataset.num_test=32", "dataset.image_size=8")
+W4A4 = {
+    "name": "w4a4",
+    "weight": {"kind": "dorefa", "bits": 4},
+    "act": {"kind": "dorefa", "bits": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Untrained 8-channel ResNet-20s: a checkpoint, its plain state_dict, a w4a4 QAT one."""
+    out = tmp_path_factory.mktemp("ckpts")
+    model = create_model("resnet20", channels=[8] * 9)
+    paths = {
+        "fp32": save_checkpoint(out / "fp32.pt", {"arch": model.arch, "model": model.state_dict()})
+    }
+    torch.save(model.state_dict(), out / "sd.pt")
+    paths["state_dict"] = out / "sd.pt"
+    qat = quantize_(create_model("resnet20", channels=[8] * 9), W4A4)
+    state = {"arch": qat.arch, "model": qat.state_dict(), "quant": W4A4}
+    paths["qat"] = save_checkpoint(out / "qat.pt", state)
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("script", "overrides", "fragment"),
+    [
+        (
+            "prune",
+            ["pruner.percent=1.5"],
+            "pruner.percent=1.5 is invalid: expected a fraction in [0, 1)",
+        ),
+        ("prune", ["pruner=gc"], "pruner=gc is for group-convolution models (nin_gc)"),
+        ("calibrate", ["calib.batches=0"], "calib.batches=0 is invalid: expected an integer >= 1"),
+        ("calibrate", ["calib.method=kl"], "calib.method='kl' is invalid: expected one of minmax,"),
+        ("export", ["format=tflite"], "format=tflite is not built yet: only format=onnx or"),
+        ("export", ["opset=9"], "opset=9 is invalid: expected an ONNX opset >= 17"),
+    ],
+)
+def test_an_out_of_range_value_of_every_entry_is_one_line(
+    entry, tmp_path, ckpts, script, overrides, fragment
+):
+    result = entry(script, f"ckpt={ckpts['fp32']}", *DATA, *overrides, run_dir=tmp_path)
+    assert_entry_line(result, 2, f"error: {fragment}")
+
+
+@pytest.mark.parametrize("script", ["prune", "fuse", "calibrate", "export", "pack"])
+def test_a_missing_checkpoint_is_one_line_in_every_entry(entry, tmp_path, script):
+    result = entry(script, f"ckpt={tmp_path / 'no' / 'best.pt'}", run_dir=tmp_path / "run")
+    assert_entry_line(result, 2, f"error: checkpoint {tmp_path / 'no' / 'best.pt'} does not exist")
+
+
+@pytest.mark.parametrize(
+    ("script", "ckpt", "overrides", "fragment"),
+    [
+        (
+            "calibrate",
+            "qat",
+            [],
+            "calibrate.py takes an fp32, pruned or fused checkpoint; {ckpt} was trained with "
+            "quant=w4a4",
+        ),
+        ("pack", "fp32", [], "nothing to pack: {ckpt} holds fp32 weights (its quant is fp32)"),
+        (
+            "fuse",
+            "state_dict",
+            [],
+            "ckpt={ckpt} is a plain state_dict, which does not say what model it holds: name it",
+        ),
+        (
+            "prune",
+            "state_dict",
+            ["model=vgg_small"],
+            "ckpt={ckpt}: the state_dict does not fit vgg_small: missing keys",
+        ),
+        (
+            "export",
+            "state_dict",
+            ["model=resnet20", "model.channels=[4,4,4,4,4,4,4,4,4]"],
+            "ckpt={ckpt}: the state_dict does not fit resnet20: mis-shaped layers.0.conv1.weight "
+            "(file 8x16x3x3, model 4x16x3x3)",
+        ),
+        (
+            "train",
+            "fp32",
+            ["dataset.channels=1"],
+            "init_from={ckpt}: the model was built for 10 classes and 3 input channels, but "
+            "dataset=synthetic has 10 and 1",
+        ),
+    ],
+)
+def test_a_checkpoint_of_the_wrong_kind_is_one_line(
+    entry, tmp_path, ckpts, script, ckpt, overrides, fragment
+):
+    path = ckpts[ckpt]
+    given = {"train": [*TINY, "model=resnet20", f"init_from={path}"], "pack": [f"ckpt={path}"]}
+    given = given.get(script, [f"ckpt={path}", *DATA])
+    result = entry(script, *given, *overrides, run_dir=tmp_path)
+    assert_entry_line(result, 2, "error: " + fragment.format(ckpt=path))
+
+
+def test_resume_into_a_run_of_another_model_is_one_line(entry, tmp_path):
+    nin = create_model("nin")
+    save_checkpoint(tmp_path / "last.pt", {"arch": nin.arch, "model": nin.state_dict(), "epoch": 1})
+    result = entry("train", *TINY, "model=resnet20", "resume=true", run_dir=tmp_path)
+    assert_entry_line(
+        result, 2, "checkpoint holds a 'nin' model but model=resnet20; pass model=nin"
+    )
+
+
+# ---------------------------------------------------------------- more calibration images than data
+def test_calib_batches_beyond_the_data_are_clamped_with_a_warning(caplog):
+    data = load_data({"name": "synthetic", "num_train": 64, "num_test": 16, "image_size": 8}, 0)
+    with caplog.at_level(logging.WARNING, logger="compress.deploy.ptq"):
+        loader = calibration_loader(data, 100, 32, key="calib.batches")
+    assert sum(len(x) for x, _ in loader) == 64
+    assert (
+        "calib.batches=100 x 32 images is more than the 64 training images: calibrating on all 64"
+        " (2 batches)" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="compress.deploy.ptq"):
+        assert sum(len(x) for x, _ in calibration_loader(data, 2, 32)) == 64  # exactly all: quiet
+        calibration_loader(data, 5, 32)  # export's requant batches: no option name to give
+    assert caplog.text.count("WARNING") == 1 and "5 calibration batches x 32 images" in caplog.text
+
+
+def test_calibrate_py_says_it_calibrated_on_fewer_images(entry, tmp_path, ckpts, caplog):
+    pytest.importorskip("onnxruntime")
+    with caplog.at_level(logging.WARNING, logger="compress.deploy.ptq"):
+        code, out, _ = entry(
+            "calibrate",
+            f"ckpt={ckpts['fp32']}",
+            *DATA,
+            "calib.batches=100",
+            "latency=false",
+            run_dir=tmp_path,
+        )
+    assert code == 0
+    assert "calib.batches=100 x 32 images is more than the 64 training images" in caplog.text
+    assert json.loads((tmp_path / "metrics.json").read_text())["calib_images"] == 64
+    assert "calibration on 64 training images" in out
+
+
+# ---------------------------------------------------------------- kill -9 (slow: real processes)
+# A Ctrl-C or a preemption signal inside a run (in process): test_engine.py, test_pipeline.py,
+# test_preemption.py. Here nothing gets to clean up: SIGKILL from outside at whatever moment, and
+# one inside a checkpoint write; the resumed run must end with the same weights as a run never
+# killed.
+KILL_RUN = (
+    *TINY,
+    "model=resnet20",
+    "model.channels=[4,4,4,4,4,4,4,4,4]",
+    "dataset.num_train=128",
+    "dataset.image_size=16",
+    "schedule.epochs=4",
+)
+KILL_PIPELINE = (
+    *TINY,
+    "model=vgg_small",
+    "model.channels=[8,8,16,16,16,16]",
+    "schedule.epochs=2",
+    "pruner.percent=0.5",
+    "schedule.stages=[train,prune,{stage:finetune,epochs:3}]",
+)
+# train.py with torch.save patched: the second last.pt is cut in half, then the process kills
+# itself, as a SIGKILL in the middle of writing that file would leave it
+KILL_IN_SAVE = """
+import os, runpy, signal, sys
+import torch
+real, seen = torch.save, []
+def save(obj, f, *args, **kwargs):
+    real(obj, f, *args, **kwargs)
+    if str(f).endswith("last.pt.tmp"):
+        seen.append(f)
+        if len(seen) == 2:
+            os.truncate(f, os.path.getsize(f) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+torch.save = save
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def start(run_dir: Path, *argv: str) -> subprocess.Popen:
+    """train.py (or a -c program) in the background, its output in files beside the run."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
+    with open(run_dir.parent / f"{run_dir.name}.out", "w") as out:  # the child keeps its copy
+        return subprocess.Popen(
+            [sys.executable, *argv, f"hydra.run.dir={run_dir}"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def kill_9_when(proc: subprocess.Popen, path: Path, timeout: float = 600) -> None:
+    """SIGKILL the run as soon as `path` exists (polled every few milliseconds)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before {path}"
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run had finished before the kill"
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert list(wa) == list(wb)
+    changed = [k for k in wa if not same(wa[k], wb[k])]
+    assert not changed, f"{a} and {b} differ in {changed[:5]}"
+
+
+def resume(cli, run_dir: Path, *overrides: str) -> None:
+    proc = cli("train.py", *overrides, "resume=true", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def never_killed(tmp_path_factory) -> Path:
+    """The run of KILL_RUN without a kill: what every resumed run must end with."""
+    run = tmp_path_factory.mktemp("never_killed")
+    proc = start(run, str(ROOT / "train.py"), *KILL_RUN)
+    assert proc.wait(timeout=900) == 0, (run.parent / f"{run.name}.out").read_text()[-3000:]
+    return run
+
+
+@pytest.mark.slow
+def test_kill_9_during_training_then_resume_ends_with_the_same_weights(never_killed, cli, tmp_path):
+    run = tmp_path / "run"
+    kill_9_when(start(run, str(ROOT / "train.py"), *KILL_RUN), run / "last.pt")
+    assert load_checkpoint(run / "last.pt")["epoch"] < 4  # the kill cut the run short
+    resume(cli, run, *KILL_RUN)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 4
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(run / name, never_killed / name)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_checkpoint_write_then_resume_ends_with_the_same_weights(
+    never_killed, cli, tmp_path
+):
+    run = tmp_path / "run"
+    program = KILL_IN_SAVE.format(train=str(ROOT / "train.py"))
+    proc = start(run, "-c", program, *KILL_RUN)
+    assert proc.wait(timeout=900) == -signal.SIGKILL
+    assert (run / "last.pt.tmp").exists()  # the half-written file is left behind
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1  # the one before it is whole
+    resume(cli, run, *KILL_RUN)
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(run / name, never_killed / name)
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_pipeline_then_resume_ends_with_the_same_weights(cli, tmp_path):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    never = start(reference, str(ROOT / "train.py"), *KILL_PIPELINE)
+    kill_9_when(start(run, str(ROOT / "train.py"), *KILL_PIPELINE), run / "02_finetune" / "last.pt")
+    assert never.wait(timeout=900) == 0
+    assert not (run / "02_finetune" / "stage.json").exists()  # killed inside the last stage
+    done = (run / "00_train" / "best.pt").stat().st_mtime_ns
+    resume(cli, run, *KILL_PIPELINE)
+    assert (run / "00_train" / "best.pt").stat().st_mtime_ns == done  # finished stages kept
+    assert_same_weights(run / "01_prune" / "pruned.pt", reference / "01_prune" / "pruned.pt")
+    for name in ("last.pt", "best.pt"):
+        assert_same_weights(run / "02_finetune" / name, reference / "02_finetune" / name)

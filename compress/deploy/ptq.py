@@ -10,6 +10,8 @@ normalizes them for training and evaluation.
 
 from __future__ import annotations
 
+import logging
+import math
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from compress.data import FolderLoader, TensorLoader
 from compress.deploy.onnx_export import _quiet, require
 from compress.errors import check, check_choice
 
+log = logging.getLogger(__name__)
 METHODS = ("minmax", "percentile", "entropy")
 ENTROPY_BINS, ENTROPY_QUANT_BINS = 2048, 128  # TensorRT's entropy calibration
 
@@ -38,10 +41,28 @@ def validate_calib(calib: dict[str, Any]) -> None:
         check(isinstance(v, int) and v >= 1, f"calib.{key}", v, "an integer >= 1")
 
 
-def calibration_loader(data: Any, batches: int, batch_size: int, seed: int = 0) -> Any:
+def calibration_loader(
+    data: Any, batches: int, batch_size: int, seed: int = 0, key: str | None = None
+) -> Any:
     """`batches` batches of training images, a seeded random subset in evaluation mode (no
     augmentation), normalized as in training. A streamed image folder gives its subset through
-    its own loader (its training split's transform)."""
+    its own loader (its training split's transform).
+
+    More images than the split holds are clamped to all of them with a warning that says so
+    (as `dataset.train_subset` is), naming `key` (the option that asked, e.g. calib.batches):
+    nobody should believe ranges came from more images than they did."""
+    total = len(data.train)
+    if batches * batch_size > total:
+        asked = f"{key}={batches}" if key else f"{batches} calibration batches"
+        log.warning(
+            "%s x %d images is more than the %d training images: calibrating on all %d "
+            "(%d batches)",
+            asked,
+            batch_size,
+            total,
+            total,
+            math.ceil(total / batch_size),
+        )
     split = data.train.subset(batches * batch_size, seed)
     if hasattr(data, "loaders"):
         return FolderLoader(split, batch_size, data.mean, data.std, "cpu", workers=data.workers)
