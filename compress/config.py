@@ -24,7 +24,7 @@ from compress.errors import ConfigError, check, check_choice
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-WEIGHT_KINDS = ("fp32", "dorefa", "ternary", "binary", "int8")
+WEIGHT_KINDS = ("fp32", "dorefa", "ternary", "binary", "int8", "lsq")
 ACT_KINDS = (*WEIGHT_KINDS, "pact")
 GRAD_MODES = ("ste", "saturate_ste", "soft_ste")  # = compress.quant.primitives.GRAD_MODES
 PRUNERS = ("normal", "regular", "gc")
@@ -56,6 +56,8 @@ class TrainSettings:
     progress: bool = True  # a progress bar on a terminal
     # under torchrun: SyncBatchNorm (BN statistics over all processes' batches; CUDA only)
     sync_bn: bool = False
+    # save a resumable last.pt every N optimizer steps inside epochs too (null: at epoch ends)
+    checkpoint_every: int | None = None
 
 
 @dataclass
@@ -70,8 +72,8 @@ class ScheduleConfig(TrainSettings):
 class WeightQuantConfig:
     """`quant.weight`; options that do not apply to the kind are ignored."""
 
-    kind: str = "fp32"  # fp32 | dorefa | ternary | binary
-    bits: int | None = None  # dorefa: 2..16
+    kind: str = "fp32"  # fp32 | dorefa | ternary | binary | int8 | lsq
+    bits: int | None = None  # dorefa: 2..16, lsq: 2..8
     gap: float = 0.7  # ternary: threshold = gap * mean|w| per output channel
     scale: bool = True  # ternary / binary: per-output-channel scaling factor alpha
     center: bool = False  # binary: subtract the per-channel mean before sign
@@ -82,12 +84,16 @@ class WeightQuantConfig:
 class ActQuantConfig:
     """`quant.act`; options that do not apply to the kind are ignored."""
 
-    # fp32 (ReLU) | dorefa (clip [0, 1]) | pact (learned clip) | ternary | binary
+    # fp32 (ReLU) | dorefa (clip [0, 1]) | pact (learned clip) | ternary | binary | int8
+    # | lsq (learned step)
     kind: str = "fp32"
-    bits: int | None = None  # dorefa, pact: 2..16
+    bits: int | None = None  # dorefa, pact: 2..16, lsq: 2..8
     threshold: float = 0.5  # ternary: |x| <= threshold -> 0
     grad: str = "saturate_ste"  # ste | saturate_ste | soft_ste (pact: saturate_ste only)
     clip_init: float = 6.0  # pact: starting value of the learned clip alpha
+    # lsq: signed codes [-2^(b-1), 2^(b-1) - 1] (a site whose input can be negative) instead of
+    # unsigned [0, 2^b - 1], which clamps at 0 like the ReLU it replaces
+    signed: bool = False
 
 
 @dataclass
@@ -239,6 +245,13 @@ def validate_schedule(d: dict[str, Any], prefix: str = "schedule") -> None:
         ms,
         "a list of epochs (integers >= 0)",
     )
+    every = c["checkpoint_every"]
+    _check(
+        every is None or (_int(every) and every >= 1),
+        f"{p}.checkpoint_every",
+        every,
+        "null (at epoch ends only) or a number of optimizer steps >= 1",
+    )
     for key in ("nesterov", "progress", "compile"):
         _check_bool(f"{p}.{key}", c[key])
     if c["channels_last"] is not None:
@@ -267,6 +280,20 @@ def validate_quantizer(d: dict[str, Any], prefix: str, kinds: tuple[str, ...]) -
             bits,
             f"an integer from 2 to 16 for kind={kind} (use kind=ternary or binary below 2)",
         )
+    if kind == "lsq":
+        bits = d.get("bits")
+        _check(
+            _int(bits) and 2 <= bits <= 8,
+            f"{prefix}.bits",
+            bits,
+            "an integer from 2 to 8 for kind=lsq (its codes are 8-bit integers at most)",
+        )
+        _check(
+            d.get("grad", ActQuantConfig.grad) == "saturate_ste",
+            f"{prefix}.grad",
+            d.get("grad"),
+            "saturate_ste for kind=lsq (its gradient is defined by the learned step)",
+        )
     if kind == "pact":
         clip = d.get("clip_init", ActQuantConfig.clip_init)
         _check(_number(clip) and clip > 0, f"{prefix}.clip_init", clip, "a starting clip value > 0")
@@ -284,7 +311,7 @@ def validate_quantizer(d: dict[str, Any], prefix: str, kinds: tuple[str, ...]) -
     if "threshold" in d:
         t = d["threshold"]
         _check(_number(t) and t >= 0, f"{prefix}.threshold", t, "a value >= 0")
-    for key in ("scale", "center", "clip"):
+    for key in ("scale", "center", "clip", "signed"):
         if key in d:
             _check_bool(f"{prefix}.{key}", d[key])
     return kind

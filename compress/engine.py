@@ -7,6 +7,15 @@ scheduler, epoch, RNG) is in `last.pt`, and the data order of epoch k depends on
 diverges (a NaN or inf training loss, weight or test loss) stops with a DivergenceError before
 it writes that epoch's checkpoints: `best.pt` never comes from a diverged epoch.
 
+Inside an epoch (ImageNet epochs take hours): `schedule.checkpoint_every=N` also writes
+`last.pt` every N optimizer steps, and a preemption signal (SIGTERM, SIGUSR1, SIGUSR2: what
+SLURM sends before it preempts or times out a job) makes the loop save the same state at the
+next step boundary and stop with `compress.cli.Preempted` (see `StopSignals`). Such a `last.pt`
+holds, besides the epoch-end state, the step within the epoch, the epoch's running train
+loss / accuracy sums and the fp16 GradScaler; the loaders skip the batches already trained
+without changing the order or the augmentation of the rest (`set_epoch(epoch, start)`), so
+a run resumed there also ends with the uninterrupted run's weights.
+
 Data-parallel (under torchrun, `compress.distributed`): `fit` wraps the model in
 DistributedDataParallel, each process reads its shard of every epoch, and
 `schedule.batch_size` is the batch of ONE process: the global batch (what the optimizer and
@@ -22,10 +31,13 @@ must use the same one) and TensorBoard. Callbacks get the unwrapped model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +48,7 @@ from torch import nn
 from tqdm import tqdm
 
 from compress.checkpoint import save_checkpoint
+from compress.cli import Preempted
 from compress.config import (  # noqa: F401  (re-exported: the choices lived here)
     LR_SCHEDULES,
     OPTIMIZERS,
@@ -50,6 +63,15 @@ from compress.errors import ConfigError, DivergenceError
 from compress.spec import checkpoint_state
 
 log = logging.getLogger(__name__)
+
+# what schedulers send before they kill a job: SLURM SIGTERM (and --signal=USR1@T / USR2@T,
+# submitit's preemption signal), torchrun SIGTERM to every worker
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+# under torchrun the ranks agree on stopping every this many steps (and at each epoch's end):
+# one tiny all-reduce and host sync, not one per step; a single process looks every step
+STOP_POLL_STEPS = 25
+# an epoch's progress handed to `train_one_epoch`'s `at_step`: (steps done, () -> its state)
+StepHook = Callable[[int, Callable[[], dict[str, Any]]], None]
 
 
 @dataclass
@@ -175,11 +197,19 @@ def train_one_epoch(
     desc: str = "train",
     dist: Dist | None = None,
     loss_fn: LossFn | None = None,
+    resume: dict[str, Any] | None = None,
+    at_step: StepHook | None = None,
 ) -> dict[str, float]:
     """One epoch. `model` may be DDP-wrapped; callbacks get the module underneath. With `dist`
     enabled the returned loss / accuracy are over all ranks' images. `loss_fn(x, logits, y)`:
     the loss minimised (default: cross-entropy with the schedule's label smoothing; a
-    compress.distill.Distiller around it for KD)."""
+    compress.distill.Distiller around it for KD).
+
+    `resume`: the state of this epoch saved inside it ({step, sums, scaler}, as `at_step`
+    gives it; `loader` set to start at that step): the running sums and the GradScaler go on
+    from there. `at_step(done, state)`: called after every optimizer step with the steps done
+    in the epoch and a function that returns the epoch's state at this boundary (a host sync;
+    call it only to save); it may stop the epoch by raising."""
     if loss_fn is None:
         loss_fn = cross_entropy_loss(cfg.label_smoothing)
     model.train()
@@ -189,10 +219,29 @@ def train_one_epoch(
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16")
     total_loss = torch.zeros((), device=loader.device)
     correct = torch.zeros((), dtype=torch.long, device=loader.device)
-    n = 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=None if show else True)
-    step = -1
-    for step, (x, y) in enumerate(bar):
+    n, start = 0, 0
+    if resume is not None:
+        start, sums = int(resume["step"]), resume["sums"]
+        total_loss.fill_(sums["loss"])  # exact: a float32 kept as a Python float
+        correct.fill_(int(sums["correct"]))
+        n = int(sums["n"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+
+    def state(done: int) -> dict[str, Any]:
+        sums = {"loss": total_loss.item(), "correct": int(correct.item()), "n": n}
+        return {"step": done, "sums": sums, "scaler": scaler.state_dict() or None}
+
+    bar = tqdm(
+        loader,
+        desc=desc,
+        leave=False,
+        disable=None if show else True,
+        initial=start,
+        total=len(loader),
+    )
+    step = start - 1
+    for step, (x, y) in enumerate(bar, start):
         with autocast(loader.device, cfg.precision):
             out = model(x)
             loss = loss_fn(x, out, y)
@@ -214,6 +263,8 @@ def train_one_epoch(
             raise DivergenceError(
                 f"training diverged: the loss became non-finite by step {step}; lower schedule.lr"
             )
+        if at_step is not None:
+            at_step(step + 1, functools.partial(state, step + 1))
     if dist is not None and dist.enabled:
         total_loss, correct, n = _sum_over_ranks(dist, total_loss, correct, n)
     if not torch.isfinite(total_loss):  # summed over ranks: every rank stops
@@ -347,6 +398,96 @@ def _kept(history: list[dict[str, Any]], best: float) -> str:
     return f"best.pt holds epoch {epoch}" if epoch else "no best.pt was written"
 
 
+class StopSignals:
+    """The signals a scheduler sends before it kills a job, caught while `fit` runs, so that
+    the loop saves at the next step boundary instead of losing the epoch.
+
+    The handler only records the first signal (writing a file at an arbitrary point of the
+    program is unsafe); `fit` asks after each step (`requested`), writes last.pt and raises
+    compress.cli.Preempted, and the entry point then hands the signal on to the handler that
+    was there before (compress.cli.hand_on_signal: submitit requeues the job). Installed from
+    the main thread only (Python's rule; elsewhere nothing is caught) and restored after.
+    Under torchrun the ranks decide together: they sum which signals each got every
+    STOP_POLL_STEPS steps and at each epoch's end, so all stop at the same step, with the same
+    signal, even when only some got it.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else "no signal"
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)  # SIGUSR1 / SIGUSR2 are POSIX only
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._catch)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+    def _catch(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def requested(self, dist: Dist, device: torch.device, poll: bool = True) -> bool:
+        """Whether to stop here. Under torchrun a collective when `poll` (every rank asks at
+        the same points), and False between polls."""
+        if not dist.enabled:
+            return self.signum is not None
+        if not poll:
+            return False
+        votes = torch.zeros(signal.NSIG, device=device)  # which signals reached which ranks
+        if self.signum is not None:
+            votes[self.signum] = 1.0
+        got = dist.all_reduce_sum(votes).nonzero().flatten().tolist()
+        if got and self.signum is None:  # stop as if it had come here too (rank 0 hands it on)
+            self.signum = int(got[0])
+        return bool(got)
+
+    def stopped(self, where: str, dist: Dist) -> Preempted:
+        """The exception that ends the run, once rank 0 has written `where`."""
+        dist.barrier()  # no rank exits (torchrun would then stop rank 0) before last.pt is on disk
+        if dist.is_main:
+            log.warning("stopping on %s: %s", self.name, where)
+        return Preempted(self.signum or signal.SIGTERM, where, main=dist.is_main)
+
+
+def _gather_sums(dist: Dist, sums: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's running epoch sums, in rank order (a collective under torchrun): a resumed
+    rank goes on from its own, so the epoch's numbers are the uninterrupted ones exactly."""
+    if not dist.enabled:
+        return [sums]
+    table = torch.zeros(dist.world, 3, dtype=torch.float64, device=device)
+    row = [sums["loss"], sums["correct"], sums["n"]]
+    table[dist.rank] = torch.tensor(row, dtype=torch.float64)
+    dist.all_reduce_sum(table)  # the other rows add zeros: every value arrives exactly
+    return [{"loss": r[0], "correct": int(r[1]), "n": int(r[2])} for r in table.tolist()]
+
+
+def _in_epoch(state: dict[str, Any], steps: int, dist: Dist, path: Path) -> dict[str, Any] | None:
+    """This rank's part of a last.pt saved inside an epoch ({step, sums, scaler}, what
+    train_one_epoch resumes from); None for one saved at an epoch's end."""
+    step = int(state.get("step") or 0)
+    if not step:
+        return None
+    saved = int(state.get("steps_per_epoch") or 0)
+    if saved != steps:
+        raise ConfigError(
+            f"{path} was saved at step {step} of {saved} in epoch {state['epoch'] + 1}, but this "
+            f"run has {steps} steps per epoch: resume with the same schedule.batch_size and data"
+        )
+    sums = state["train_sums"][dist.rank if dist.enabled else 0]
+    return {"step": step, "sums": sums, "scaler": state.get("scaler")}
+
+
 def fit(
     model: nn.Module,
     data: DataSet,
@@ -402,26 +543,94 @@ def fit(
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps))
     start, best, history, wall = 0, -1.0, [], 0.0
+    in_epoch: dict[str, Any] | None = None  # the state of epoch `start` when saved inside it
     if resume_state is not None:
         check_resume_world(resume_state.get("world_size", 1), dist.world, run_dir / "last.pt")
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         torch.set_rng_state(resume_state["rng"])
+        if "cuda_rng" in resume_state and device.type == "cuda":
+            torch.cuda.set_rng_state(resume_state["cuda_rng"], device)
         start, best = resume_state["epoch"], resume_state["best_acc"]
         history, wall = list(resume_state["history"]), resume_state["wall_s"]
-        if dist.is_main:
+        in_epoch = _in_epoch(resume_state, steps, dist, run_dir / "last.pt")
+        if dist.is_main and in_epoch:
+            log.info(
+                "resuming at step %d/%d of epoch %d of %d (best %.2f%%)",
+                in_epoch["step"],
+                steps,
+                start + 1,
+                cfg.epochs,
+                best,
+            )
+        elif dist.is_main:
             log.info("resuming from epoch %d of %d (best %.2f%%)", start, cfg.epochs, best)
     extra = {**(extra_state or {}), "world_size": dist.world}
     main = dist.is_main
+    last = run_dir / "last.pt"
+    stop = StopSignals()
+
+    def resumable(
+        epoch: int, wall_s: float, test_acc: float | None, state: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """last.pt: all a resumed run needs at the start of epoch `epoch` (0-based); `state`:
+        the model's checkpoint_state when already taken."""
+        return {
+            **(checkpoint_state(model, **extra) if state is None else state),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "best_acc": best,
+            "rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            "history": history,
+            "wall_s": wall_s,
+            "test_acc": test_acc,
+        }
+
+    def at_step(epoch: int, t0: float, done: int, progress: Callable[[], dict[str, Any]]) -> None:
+        """After each step: save last.pt every `checkpoint_every` steps of the run, and save and
+        stop on a preemption signal. Every rank gets here at the same steps, so the
+        collectives (stop poll, sums, weight check) match."""
+        every = cfg.checkpoint_every
+        due = every is not None and done < steps and (epoch * steps + done) % every == 0
+        poll = done % STOP_POLL_STEPS == 0 or done == steps
+        stopping = stop.requested(dist, device, poll)
+        if not (due or stopping):
+            return
+        state = progress()
+        sums = _gather_sums(dist, state["sums"], device)
+        if not all(math.isfinite(r["loss"]) for r in sums):  # keep the last good last.pt
+            raise DivergenceError(
+                f"training diverged: the loss became non-finite by step {done - 1}; "
+                "lower schedule.lr"
+            )
+        check_finite_weights(model, dist)
+        if main:
+            previous = history[-1]["test_acc"] if history else None
+            elapsed = wall + time.perf_counter() - t0
+            in_state = {"step": done, "steps_per_epoch": steps, "train_sums": sums}
+            save_checkpoint(
+                last, {**resumable(epoch, elapsed, previous), **in_state, "scaler": state["scaler"]}
+            )
+        if stopping:
+            where = f"the run is saved at step {done}/{steps} of epoch {epoch + 1} in {last}"
+            raise stop.stopped(where, dist)
+
     sync_bn = _to_sync_bn(model) if cfg.sync_bn and dist.enabled else {}
     try:
+        stop.install()
         net = _wrap(model, dist, device)
         if cfg.compile:
             net = torch.compile(net)
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            train_loader.set_epoch(epoch)
+            resume = in_epoch if epoch == start else None
+            if resume:
+                train_loader.set_epoch(epoch, start=resume["step"])
+            else:
+                train_loader.set_epoch(epoch)
             tr = train_one_epoch(
                 net,
                 train_loader,
@@ -432,6 +641,8 @@ def fit(
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 dist=dist,
                 loss_fn=loss_fn,
+                resume=resume,
+                at_step=functools.partial(at_step, epoch, t0),
             )
             evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             none = {"acc": None, "loss": None}
@@ -482,29 +693,22 @@ def fit(
             improved = evaluated and te["acc"] > best
             if improved:
                 best = te["acc"]
-            if not main:
-                continue
-            state = checkpoint_state(model, **extra)
-            if improved:
-                save_checkpoint(
-                    run_dir / "best.pt", {**state, "epoch": epoch + 1, "test_acc": te["acc"]}
-                )
-            save_checkpoint(
-                run_dir / "last.pt",
-                {
-                    **state,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "best_acc": best,
-                    "rng": torch.get_rng_state(),
-                    "history": history,
-                    "wall_s": wall,
-                    "test_acc": te["acc"],
-                },
-            )
+            if main:
+                state = checkpoint_state(model, **extra)
+                if improved:
+                    save_checkpoint(
+                        run_dir / "best.pt", {**state, "epoch": epoch + 1, "test_acc": te["acc"]}
+                    )
+                save_checkpoint(last, resumable(epoch + 1, wall, te["acc"], state))
+            # a signal during the evaluation: stop now that the epoch is saved (after the last
+            # epoch the run just finishes)
+            if epoch + 1 < cfg.epochs and stop.requested(dist, device):
+                raise stop.stopped(f"the run is saved after epoch {epoch + 1} in {last}", dist)
     finally:
+        stop.restore()
         _from_sync_bn(model, sync_bn)
+    if stop.signum is not None and main:
+        log.warning("%s arrived as training ended: the run finishes", stop.name)
     dist.barrier()  # rank 0's checkpoints are on disk when any rank returns
     final = history[-1]
     return {

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +140,31 @@ class _SeededSamples(Dataset):
             return self.split[i]
 
 
+def leave_stop_signals(worker_id: int) -> None:
+    """DataLoader workers' init: leave the signals that stop a run (SIGTERM, SIGUSR1, SIGUSR2)
+    to the main process, which saves the run at the next step (compress.engine.StopSignals).
+
+    SLURM signals every process of a job before it preempts it, and torch's workers die of a
+    SIGTERM that is not their parent's: the main process would then fail at its next batch
+    ("DataLoader worker exited unexpectedly") before anything is saved. So SIGUSR1 / SIGUSR2 are
+    ignored, and SIGTERM is blocked and taken by a thread that ends the worker only when it
+    comes from the main process (multiprocessing's terminate() at exit), as torch's does."""
+    for name in ("SIGUSR1", "SIGUSR2"):
+        sig = getattr(signal, name, None)  # POSIX only
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere SIGTERM stays torch's
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        parent = os.getppid()
+        threading.Thread(target=_sigterm_from_parent_only, args=(parent,), daemon=True).start()
+
+
+def _sigterm_from_parent_only(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
 class EpochSampler(Sampler[int]):
     """Sample indices of one epoch: a permutation seeded by (seed, epoch) when shuffling, and
     this rank's disjoint slice of it (`order[rank::world]`) when sharded."""
@@ -199,10 +226,13 @@ class FolderLoader:
         self.workers, self.channels_last, self.shard = workers, channels_last, shard
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch` from its batch `start` on (a run resumed inside the epoch): the
+        samples of the batches before it are not read. The rest are the batches of the whole
+        epoch: the order is the epoch's and each sample's augmentation is seeded by its index."""
+        self.epoch, self.start = epoch, start
 
     def sampler(self) -> EpochSampler:
         return EpochSampler(len(self.split), self.train, self.seed, self.epoch, self.shard)
@@ -226,12 +256,15 @@ class FolderLoader:
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=sampler.indices()[self.start * self.batch_size :].tolist()
+            if self.start
+            else sampler,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             drop_last=self.train and len(sampler) >= self.batch_size,
             persistent_workers=False,
             collate_fn=collate_readable if self.split.skip_corrupt else None,
+            worker_init_fn=leave_stop_signals,
             # worker seeds from here, not from (and advancing) the global RNG
             generator=torch.Generator().manual_seed(base_seed),
         )

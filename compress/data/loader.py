@@ -63,7 +63,8 @@ class TensorLoader:
     """Iterate (images, labels) batches of a `Split`, normalized floats on `device`.
 
     Shuffling and augmentation draw from a generator seeded by (seed, epoch), so epoch k is the
-    same whether a run got there directly or resumed from a checkpoint.
+    same whether a run got there directly or resumed from a checkpoint, at its start or inside
+    it (`set_epoch(k, start)`).
 
     `shard=(rank, world_size)`: this rank's disjoint part of the data (data-parallel training).
     Every rank draws the same epoch permutation and the same augmentation; global batch i is
@@ -103,10 +104,13 @@ class TensorLoader:
         self.channels_last, self.shard = channels_last, shard
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
-        self.epoch = 0
+        self.epoch, self.start = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch` from its batch `start` on (a run resumed inside the epoch): the
+        batches before it are not gathered, but their random draws are, so the rest are the
+        batches, crops and flips of the whole epoch."""
+        self.epoch, self.start = epoch, start
 
     def _samples(self) -> int:
         """How many images this rank reads per epoch."""
@@ -143,6 +147,8 @@ class TensorLoader:
             if self.train:  # drawn for the whole global batch: identical on every rank
                 params = crop_flip_params(len(chunk), self.crop_padding, self.flip, g)
                 chunk = chunk[rank::world]
+            if i < self.start:
+                continue
             idx = chunk.to(self.split.labels.device)
             x = self.split.images[idx].to(self.device)  # no-ops when the split is on the device
             y = self.split.labels[idx].to(self.device)
