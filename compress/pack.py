@@ -10,10 +10,12 @@ one fp32 scale per output channel where the quantizer has one:
     binary   1     {0, 1}      (2 code - 1) * scale[c]           (unscaled: 2 code - 1)
     ternary  2     {0, 1, 2}   (code - 1) * scale[c]             (unscaled: code - 1)
     dorefa   k     [0, 2^k-1]  2 * (code / (2^k - 1)) - 1        (per layer, no scale)
+    lsq      k     [0, Q_N+Q_P] (code - Q_N) * max(step[c], TINY) (the learned step, per channel)
 
 The scale is read off the quantized weight (|q| per channel), the codes from its signs
-(binary, ternary) or its level (DoReFa), and `pack_model` checks that the decoded values are
-bit-identical to `quantized_weight()` before it writes anything.
+(binary, ternary) or its level (DoReFa); LSQ's are its own codes and learned step (which is
+stored once, as the scale, not also among the float tensors). `pack_model` checks that the
+decoded values are bit-identical to `quantized_weight()` before it writes anything.
 
 Unpacking rebuilds the quantized model from its spec and chooses latent weights that the
 layer's own quantizer maps back to the stored values bit-exactly (verified per layer):
@@ -26,6 +28,8 @@ layer's own quantizer maps back to the stored values bit-exactly (verified per l
   sum to a float32 total T, so every partial sum is exact in any summation order (threads,
   vector lanes), and T is bisected over its float bits until T / count rounds to the stored
   scale (the original sum is such a T). The latent weights are within ulp(T) of the values.
+- LSQ: the values themselves (codes * step divided by the step rounds back to the codes), and
+  the stored step as the quantizer's step.
 - DoReFa: atanh(level / 2). DoReFa quantizes tanh(w) / max|tanh(w)|, so the levels themselves
   are not a fixed point (tanh bends them by up to 13 levels at 8 bits); their atanh is.
 - binary with `center`: the codes already hold the signs of the centred weights, so the
@@ -60,11 +64,12 @@ from compress.prune import apply_widths_
 from compress.prune.graph import PruneError
 from compress.quant import quantize_
 from compress.quant.api import applied_label, quant_label
+from compress.quant.lsq import TINY, weight_bounds
 from compress.quant.modules import QConv2d, QLinear
 from compress.spec import arch_name, checkpoint_state, model_from_checkpoint, model_spec
 
 FORMAT = "compress-packed/1"
-KINDS = ("binary", "ternary", "dorefa")
+KINDS = ("binary", "ternary", "dorefa", "lsq")
 _BISECT_SPAN = 1 << 12  # how far (in float32 units in the last place) the sum is searched
 _BISECT_STEPS = 16
 _DOREFA_TINY = 1e-12  # DoReFa's clamp of max|tanh(w)|
@@ -124,6 +129,10 @@ def dequantize(entry: dict[str, Any]) -> torch.Tensor:
     if kind == "dorefa":
         n = float(2**bits - 1)
         return 2 * (codes.to(dtype) / n) - 1
+    if kind == "lsq":  # as the forward: integer levels times the clamped step, in fp32
+        level = (codes - weight_bounds(bits)[0]).float()
+        step = entry["scale"].float().clamp_min(TINY)
+        return (level * _per_channel(step, level.dim())).to(dtype)
     if kind == "binary":
         level = (2 * codes - 1).to(dtype)
     elif kind == "ternary":
@@ -150,6 +159,9 @@ def pack_layer(layer: nn.Module, name: str = "layer") -> dict[str, Any]:
     elif kind == "dorefa":
         n = 2**bits - 1
         codes = torch.round((q.double() + 1) / 2 * n).clamp_(0, n).to(torch.int64)
+    elif kind == "lsq":
+        codes = wq.codes(layer.weight).to(torch.int64) + wq.qn
+        scale = wq.step.detach().float().clone()
     else:
         raise ValueError(f"{name}: weight quantizer {kind!r} cannot be packed")
     if kind in ("binary", "ternary") and wq.scaled:
@@ -175,6 +187,7 @@ def pack_model(model: nn.Module, **extra: Any) -> dict[str, Any]:
     layers = packable_layers(model)
     packed = {name: pack_layer(m, name) for name, m in layers}
     skip = {f"{name}.weight" for name in packed}
+    skip |= {f"{name}.weight_quant.step" for name, e in packed.items() if e["kind"] == "lsq"}
     floats = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in skip}
     return {"format": FORMAT, **model_spec(model), "float": floats, "packed": packed, **extra}
 
@@ -237,7 +250,7 @@ def latent_weight(entry: dict[str, Any], quant: nn.Module) -> torch.Tensor:
         if top == 1:
             return torch.atanh(target / 2)
         return target * _DOREFA_TINY  # all |w| below DoReFa's clamp: tanh is the identity there
-    if entry.get("scale") is None:
+    if kind == "lsq" or entry.get("scale") is None:
         return target
     return _fit_scaled(quant, target)
 
@@ -276,6 +289,8 @@ def unpack_model(state: dict[str, Any]) -> nn.Module:
                 f"{arch_name(spec['arch'])}"
             )
         weights[f"{name}.weight"] = latent_weight(entry, layer.weight_quant)
+        if entry["kind"] == "lsq":  # the step is stored once, as the scale
+            weights[f"{name}.weight_quant.step"] = entry["scale"].clone()
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:

@@ -200,3 +200,39 @@ def test_read_source_of_a_compress_checkpoint_is_unchanged(tmp_path):
     train_task.run(tiny_cfg(epochs=1), tmp_path / "run")
     state = read_source({"ckpt": str(tmp_path / "run" / "best.pt")}, "prune.py")
     assert state["arch"]["name"] == "resnet20" and state["format"] == "compress/1"
+
+
+def test_the_compress_trained_recipe_runs_from_a_state_dict(tmp_path):
+    """experiment=compress_trained on a model trained elsewhere: prune by L1 to half the MACs,
+    finetune with KD, LSQ W4A4 with KD, integer ONNX checked in ONNX Runtime (shortened)."""
+    from compress.pipeline import run_pipeline
+    from configstore import plain_config
+    from tests.test_config import compose_cfg
+
+    train_task.run(tiny_cfg(epochs=2), tmp_path / "theirs")  # "elsewhere": keep only weights
+    weights = load_checkpoint(tmp_path / "theirs" / "best.pt")["model"]
+    torch.save({"state_dict": weights}, tmp_path / "theirs.pth")
+    overrides = [
+        "experiment=compress_trained",
+        "model=resnet20",
+        "model.channels=[4,4,4,4,4,4,4,4,4]",
+        f"init_from={tmp_path / 'theirs.pth'}",
+        "dataset=synthetic",
+        "dataset.num_train=64",
+        "dataset.num_test=32",
+        "schedule.batch_size=16",
+        "schedule.progress=false",
+        "device=cpu",
+    ]
+    cfg = plain_config(compose_cfg("train", overrides))
+    for stage in cfg["schedule"]["stages"]:
+        if isinstance(stage, dict) and "epochs" in stage:
+            stage["epochs"] = 1
+    cfg["schedule"]["stages"][-1]["latency"] = False
+    summary = run_pipeline(cfg, tmp_path / "run")
+    stages = {s["kind"]: s for s in summary["stages"]}
+    assert stages["prune"]["macs_ratio"] == pytest.approx(0.5, abs=0.05)
+    assert stages["quantize"]["quant"] == "w4a4l"
+    for kind in ("finetune", "quantize"):
+        assert stages[kind]["distill"]["teacher"] == str(tmp_path / "theirs.pth")
+    assert (tmp_path / "run" / "03_export" / "model_int8.onnx").is_file()

@@ -21,6 +21,7 @@ from compress.pack import (
     pack_checkpoint,
     pack_model,
     packable_layers,
+    payload_bytes,
     save_packed,
     to_disk,
     unpack_bits,
@@ -89,6 +90,7 @@ KINDS = [
     pytest.param({"kind": "ternary"}, id="ternary"),
     pytest.param({"kind": "ternary", "scale": False, "gap": 0.5}, id="ternary-unscaled"),
     *[pytest.param({"kind": "dorefa", "bits": k}, id=f"dorefa{k}") for k in range(2, 9)],
+    *[pytest.param({"kind": "lsq", "bits": k}, id=f"lsq{k}") for k in (2, 3, 4, 8)],
 ]
 
 
@@ -104,6 +106,42 @@ def test_resnet20_round_trip_is_bit_identical(weight):
     back = assert_round_trip(model, state)
     if weight.get("center"):  # the codes hold the centred signs
         assert back.quant_config["weight"]["center"] is False
+
+
+def test_trained_lsq_packs_its_codes_and_steps_through_a_file(tmp_path):
+    """LSQ: b-bit codes (offset by Q_N) and the learned per-channel step, stored once."""
+    model = quantized("nin", {"kind": "lsq", "bits": 3}, {"kind": "lsq", "bits": 3})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for seed in range(3):  # steps that are learned, not the initial ones
+        x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        loss = model(x).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    layers = dict(packable_layers(model))
+    init = {
+        n: 2 * m.weight.detach().abs().mean((1, 2, 3)) / math.sqrt(3) for n, m in layers.items()
+    }
+    assert not any(torch.allclose(m.weight_quant.step, init[n]) for n, m in layers.items())
+    state = pack_model(model)
+    for name, entry in state["packed"].items():
+        layer = layers[name]
+        step = layer.weight_quant.step.detach()
+        assert entry["kind"] == "lsq" and entry["bits"] == 3 and torch.equal(entry["scale"], step)
+        codes = unpack_bits(entry["codes"], 3, layer.weight.numel()).view(layer.weight.shape)
+        want = torch.round(torch.clamp(layer.weight.detach() / step.view(-1, 1, 1, 1), -4, 3))
+        assert torch.equal(codes - 4, want.long())  # codes 0..7 stand for -4..3
+        assert f"{name}.weight_quant.step" not in state["float"]  # stored once, as the scale
+        assert f"{name}.weight_quant.initialized" in state["float"]
+    path = save_packed(tmp_path / "packed.pt", state)
+    back = assert_round_trip(model, load_packed(path))
+    for name, layer in dict(packable_layers(back)).items():
+        assert torch.equal(layer.weight_quant.step, layers[name].weight_quant.step)
+    assert payload_bytes(state)["codes"] == sum(
+        math.ceil(m.weight.numel() * 3 / 8) for m in layers.values()
+    )
 
 
 def test_nin_gc_wbab_through_a_file(tmp_path):

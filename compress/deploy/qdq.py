@@ -6,8 +6,10 @@ post-training quantization).
 `to_qdq(model, calib)` returns a copy of `model` in which
 - every activation quantizer is a `QDQAct`: Q to integer codes, a clamp of the codes where the
   quantizer has fewer levels than its 8-bit type, DQ back (k-bit DoReFa / PACT: uint8 codes
-  0..2^k - 1 at scale 1 / n or alpha / n; int8 QAT: its uint8 scale and zero point; ternary:
-  uint8 {0, 1, 2} (thresholds at +-t); binary: uint8 {0, 2} read as -1 / +1). A quantizer
+  0..2^k - 1 at scale 1 / n or alpha / n; int8 QAT: its uint8 scale and zero point; LSQ: its
+  codes at its learned step, uint8 0..Q_P or, signed, -Q_N..Q_P as uint8 around zero point 128
+  (int8 inputs are not fused into integer convs by ONNX Runtime); ternary: uint8 {0, 1, 2}
+  (thresholds at +-t); binary: uint8 {0, 2} read as -1 / +1). A quantizer
   module called at several sites (torchvision's shared ReLU) becomes one QDQAct;
 - BNs are folded into the layer before them (compress.fuse, exact);
 - every conv / linear whose weight is quantized and whose input is such an integer tensor is a
@@ -28,7 +30,9 @@ post-training quantization).
 
 Weights map to int8 exactly when their levels are integers times a per-channel scale: DoReFa
 with k <= 7 bits (levels (2i - n) / n, n = 2^k - 1, codes -n..n, scale 1 / n), ternary and
-binary (codes -1, 0, +1, scale alpha_c) and int8 QAT. DoReFa 8-bit weights need 9 bits and are
+binary (codes -1, 0, +1, scale alpha_c), int8 QAT and LSQ (its codes, its per-channel step as
+the scale; 8-bit LSQ weights use [-127, 127], so a negated channel fits). DoReFa 8-bit weights
+need 9 bits and are
 refused (`QDQError`). The integer model computes what the fake-quant model computes up to fp32
 rounding and the int32 rounding of the biases (half a bias step, which with k-bit activations
 and large BN scales can move an activation by one level: measured top-1 agreement 97.6% on a
@@ -57,8 +61,16 @@ from compress.models.blocks import Activation, ChannelShuffle
 from compress.models.resnet import Shortcut
 from compress.quant.base import Quantizer
 from compress.quant.int8 import Int8Act, act_qparams, int8_weight_codes
+from compress.quant.lsq import TINY
 from compress.quant.modules import QConv2d, QLinear
-from compress.quant.quantizers import BinaryAct, DoReFaAct, PACTAct, TernaryAct
+from compress.quant.quantizers import (
+    BinaryAct,
+    DoReFaAct,
+    LSQAct,
+    LSQWeight,
+    PACTAct,
+    TernaryAct,
+)
 
 log = logging.getLogger(__name__)
 QD = torch.ops.quantized_decomposed
@@ -235,6 +247,8 @@ def weight_codes(layer: QConv2d | QLinear) -> tuple[torch.Tensor, torch.Tensor] 
     with torch.no_grad():
         if kind == "int8":
             return int8_weight_codes(layer.weight)
+        if isinstance(wq, LSQWeight):  # the codes and the step, exactly as the forward has them
+            return wq.codes(layer.weight).to(torch.int8), wq.step.detach().float().clamp_min(TINY)
         q = layer.quantized_weight().detach().float()
         flat = q.reshape(q.shape[0], -1)
         if kind == "dorefa":
@@ -303,6 +317,11 @@ def act_qdq(q: nn.Module, producer_scale: float | None = None) -> QDQAct | None:
             raise QDQError(f"{q.bits}-bit activations do not fit 8 bits")
         alpha = 1.0 if isinstance(q, DoReFaAct) else max(float(q.alpha.detach()), 1e-4)
         return QDQAct(alpha / n, 0, 0, n)
+    if isinstance(q, LSQAct):
+        # signed codes -Q_N..Q_P as uint8 around zero point 128: the same values, and ONNX
+        # Runtime fuses uint8 inputs into QLinearConv (int8 ones it leaves to float convs)
+        step, zp = max(float(q.step.detach()), TINY), 128 if q.signed else 0
+        return QDQAct(step, zp, zp - q.qn, zp + q.qp)
     if isinstance(q, TernaryAct):
         # round(x / 2t) is nonzero exactly where |x| > t (ties at |x| = t round to even: 0)
         return QDQAct(2 * q.threshold, 1, 0, 2, out_scale=1.0, out_zp=1)

@@ -1,8 +1,9 @@
 """quantize_(model, cfg, filter_fn): turn any float nn.Module into a quantization-aware one.
 
 cfg (the `quant` config group, as a dict):
-  weight: {kind: fp32|dorefa|ternary|binary, bits, gap, scale, center, clip}
-  act:    {kind: fp32|dorefa|pact|ternary|binary, bits, threshold, grad, clip_init}
+  weight: {kind: fp32|dorefa|ternary|binary|int8|lsq, bits, gap, scale, center, clip}
+  act:    {kind: fp32|dorefa|pact|ternary|binary|int8|lsq, bits, threshold, grad, clip_init,
+           signed}
   keep_first_last: keep the first and the last conv / linear layer (in execution order) float
   keep: names of further conv / linear layers to keep full precision
 
@@ -38,6 +39,7 @@ from compress.quant.quantizers import (
     BinaryWeight,
     DoReFaAct,
     FP32Act,
+    LSQAct,
     PACTAct,
     Quantizer,
     TernaryAct,
@@ -56,7 +58,7 @@ WEIGHT_HANDLERS: dict[type[nn.Module], Callable[[Any, Quantizer], nn.Module]] = 
 }
 # module types whose output an activation quantizer replaces in a model without Activation slots
 ACT_SITES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-ACT_QUANTIZERS = (FP32Act, DoReFaAct, PACTAct, TernaryAct, BinaryAct, Int8Act)
+ACT_QUANTIZERS = (FP32Act, DoReFaAct, PACTAct, TernaryAct, BinaryAct, Int8Act, LSQAct)
 
 
 def register_weight_handler(cls: type[nn.Module], handler: Callable[..., nn.Module]) -> None:
@@ -207,18 +209,26 @@ def to_float(model: nn.Module) -> nn.Module:
 
 def quant_label(cfg: dict[str, Any] | None) -> str:
     """A short name derived from the settings themselves: fp32, w4a4, wbab, wta32, w4a4p
-    (PACT activations), int8_qat (INT8 weights and activations; wi8a32 with one of them), ..."""
+    (PACT activations), int8_qat (INT8 weights and activations; wi8a32 with one of them),
+    w4a4l (LSQ weights and activations; mixed with another kind, each part is marked: w4la4p
+    LSQ weights with PACT activations, w4da4l DoReFa weights with LSQ activations, so that no
+    two settings share a name), ..."""
     if not is_quantized(cfg):
         return "fp32"
     w, a = dict(cfg.get("weight") or {}), dict(cfg.get("act") or {})
     if w.get("kind") == a.get("kind") == "int8":
         return "int8_qat"
+    if w.get("kind") == a.get("kind") == "lsq":
+        return f"w{w.get('bits')}a{a.get('bits')}l"
     short = {"fp32": "32", "ternary": "t", "binary": "b", "int8": "i8"}
+    mixed_lsq = "lsq" in (w.get("kind"), a.get("kind"))
 
     def part(c: dict[str, Any]) -> str:
         kind = c.get("kind", "fp32")
-        if kind in ("dorefa", "pact"):
-            return f"{c.get('bits')}{'p' if kind == 'pact' else ''}"
+        if kind == "dorefa":
+            return f"{c.get('bits')}{'d' if mixed_lsq else ''}"
+        if kind in ("pact", "lsq"):
+            return f"{c.get('bits')}{kind[0]}"
         return short[kind]
 
     return f"w{part(w)}a{part(a)}"

@@ -1,7 +1,8 @@
 """QConv2d / QLinear: conv and linear layers whose weight passes through a quantizer.
 
 They share their Parameters with the float layer they come from (`from_float`), and their
-state_dict has the same keys, so float and quantized checkpoints are interchangeable.
+state_dict has the same keys, so float and quantized checkpoints are interchangeable (but for
+the state of a weight quantizer that has one: LSQ's `weight_quant.step` / `.initialized`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class QConv2d(_QMixin, nn.Conv2d):
         )
         q.weight, q.bias = conv.weight, conv.bias
         q.weight_quant = weight_quant or FP32Weight()
+        q.weight_quant.attach_(q.weight)
         q.train(conv.training)
         return q
 
@@ -82,6 +84,7 @@ class QLinear(_QMixin, nn.Linear):
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         q.weight, q.bias = linear.weight, linear.bias
         q.weight_quant = weight_quant or FP32Weight()
+        q.weight_quant.attach_(q.weight)
         q.train(linear.training)
         return q
 
