@@ -62,7 +62,7 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     sess32, checked, logits32, labels = export_checked(model, data, loader, fp32_path, cfg)
 
     reader = ImageCalibrationReader(
-        calibration_loader(data, calib["batches"], calib["batch_size"], seed),
+        calibration_loader(data, calib["batches"], calib["batch_size"], seed, "calib.batches"),
         sess32.get_inputs()[0].name or INPUT,
         calib["batches"],
     )
