@@ -134,7 +134,11 @@ def _iterative_prune_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
 
 
 def _fuse_stage(cfg: dict[str, Any], stage_dir: Path) -> Path:
-    fuse_task.run({**cfg, "ckpt": cfg["init_from"]}, stage_dir)
+    """Fold the previous stage's BNs, exactly (a quantized model keeps its every rounding:
+    compress.fuse); metrics.json holds max |logit diff| and top-1 agreement with the unfused
+    model on the test set, as fuse.py reports them."""
+    metrics = fuse_task.run({**cfg, "ckpt": cfg["init_from"]}, stage_dir)
+    log.info("stage %s: %s", stage_dir.name, fuse_task.agreement_line(metrics))
     return stage_dir / "fused.pt"
 
 

@@ -110,10 +110,12 @@ def export_ncnn(
 
 def unconverted_layers(param_path: str | Path) -> list[str]:
     """The layer types of an ncnn .param that are not ncnn layers (pnnx leaves an op it cannot
-    convert under its torch name: Tensor.slice, aten::..., pnnx.Expression)."""
+    convert under its torch or ONNX name: Tensor.slice, aten::..., pnnx.Expression, ReduceMax;
+    ncnn's own registry tells the last kind, which looks like a layer type, from a real one)."""
+    ncnn = require("ncnn")
     lines = Path(param_path).read_text().splitlines()[2:]  # magic, then layer and blob counts
-    kinds = [line.split()[0] for line in lines if line.strip()]
-    return sorted({k for k in kinds if not _NCNN_TYPE.match(k)})
+    kinds = {line.split()[0] for line in lines if line.strip()}
+    return sorted(k for k in kinds if not _NCNN_TYPE.match(k) or ncnn.layer_to_index(k) < 0)
 
 
 def load_net(param_path: str | Path, threads: int | None = None) -> Any:
@@ -337,7 +339,8 @@ def int8_ncnn(
     """Rewrite the fp32 ncnn model at `param_path` in place: the i-th weight layer (Convolution,
     ConvolutionDepthWise, InnerProduct, in .param order) is `layers[i]` = (float module, QDQ layer
     or None, why it stays fp32); those with a QDQ layer and no reason get int8 weight codes,
-    weight scales 1 / scale and input scale 1 / in_scale (8=2). Returns what was done."""
+    weight scales 1 / scale and input scale 1 / in_scale (8=2; 8=1 for ConvolutionDepthWise,
+    whose one scale per group it then reads). Returns what was done."""
     param_path = Path(param_path)
     bin_path = param_path.with_suffix(".bin")
     text, data = param_path.read_text(), bin_path.read_bytes()
@@ -386,7 +389,10 @@ def int8_ncnn(
         blob += data[start + 4 + 4 * size : start + 4 + 4 * size + 4 * nout * bias]
         blob += wscale.astype("<f4").tobytes()
         blob += np.array([1.0 / qdq.in_scale], "<f4").tobytes()
-        edits[i] = (lines[i + 2] + " 8=2", blob)
+        # ConvolutionDepthWise reads `group` weight scales under 8=1 (one under 8=2);
+        # Convolution and InnerProduct read num_output under any nonzero 8
+        term = 1 if kind == "ConvolutionDepthWise" else 2
+        edits[i] = (lines[i + 2] + f" 8={term}", blob)
         report["int8_layers"].append(name)
     pos = 0
     for i, (start, end) in enumerate(spans):

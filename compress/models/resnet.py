@@ -133,6 +133,26 @@ class Scale(nn.Module):
         return f"factor={self.factor}"
 
 
+class GlobalMaxPool(nn.AdaptiveMaxPool2d):
+    """The maximum over all positions, written as a max pool whose kernel is the whole feature
+    map, so that it exports as ONNX MaxPool: `nn.AdaptiveMaxPool2d(1)` exports at opset 18 as
+    ReduceMax + Reshape, which ONNX Runtime's symbolic shape inference (calibrate.py) and ncnn
+    cannot take. A subclass of it with no weights: the values, the checkpoints and every
+    isinstance check (pruning graph, BN fusion, QDQ export) stay those of the adaptive pool."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():  # TorchScript (opset 17) would trace the kernel size as
+            # a tensor; its export of the adaptive pool is a full-map MaxPool as well
+            return F.adaptive_max_pool2d(x, 1)
+        return F.max_pool2d(x, kernel_size=x.shape[-2:])
+
+    def extra_repr(self) -> str:
+        return ""
+
+
 def _down(cin: int, cout: int, bn_momentum: float) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
@@ -164,7 +184,7 @@ def resnet9(
         _down(2 * w, 4 * w, bn_momentum),
         _down(4 * w, 8 * w, bn_momentum),
         Residual(8 * w, bn_momentum),
-        nn.AdaptiveMaxPool2d(1),
+        GlobalMaxPool(),
         nn.Flatten(),
         nn.Linear(8 * w, num_classes, bias=False),
         Scale(logit_scale),

@@ -15,6 +15,7 @@ import torch
 from compress.cli import write_json
 from compress.deploy.onnx_export import (
     INPUT,
+    ExportError,
     accuracy,
     agreement,
     cpu_isa,
@@ -29,13 +30,20 @@ from compress.deploy.ptq import (
     quantize_int8,
     validate_calib,
 )
-from compress.errors import CheckpointError
+from compress.errors import CheckpointError, CompressError
 from compress.fuse import count_bn, fuse_bn_
 from compress.quant import is_quantized
 from compress.quant.api import quant_label
 from compress.spec import arch_name, model_from_checkpoint
 from compress.tasks.common import eval_loader, load_data, source_dataset_cfg
-from compress.tasks.export import BATCHES, check_common, export_checked, latencies, load_source
+from compress.tasks.export import (
+    BATCHES,
+    check_common,
+    export_checked,
+    latencies,
+    load_source,
+    onnx_exporter,
+)
 
 CALIB_DEFAULTS = {"method": "minmax", "batches": 8, "batch_size": 32}
 
@@ -66,7 +74,16 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         sess32.get_inputs()[0].name or INPUT,
         calib["batches"],
     )
-    quantize_int8(fp32_path, int8_path, reader, calib["method"])
+    try:
+        quantize_int8(fp32_path, int8_path, reader, calib["method"])
+    except CompressError:
+        raise
+    except Exception as e:  # ORT's shape inference and quantizer raise many types: one line
+        first, how = (str(e).strip().splitlines() or [""])[0], onnx_exporter(cfg)
+        raise ExportError(
+            f"ONNX Runtime cannot quantize {arch_name(model.arch)} (ONNX from the "
+            f"{how['exporter']} exporter, opset {how['opset']}): {type(e).__name__}: {first[:200]}"
+        ) from None
     calibrated = reader.images
     sess8 = session(int8_path)
     logits8, _ = ort_logits(sess8, loader)
