@@ -1,20 +1,26 @@
 """The train task: one training run from a plain config dict (no Hydra here).
 
 Writes into the run directory `last.pt`, `best.pt`, TensorBoard events under `tb/` and
-`metrics.json`. Under torchrun (compress.distributed) every process trains its shard of the
-data and rank 0 alone writes these files; the other ranks create nothing in the run directory.
+`metrics.json`. TensorBoard's HParams dashboard gets the run's compression settings and final
+metrics (`run_hparams`, `log_hparams`), so the runs of a sweep compare there too. Under torchrun
+(compress.distributed) every process trains its shard of the data and rank 0 alone writes these
+files; the other ranks create nothing in the run directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tensorboard.plugins.hparams import api_pb2
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from compress.checkpoint import load_checkpoint
 from compress.cli import write_json
@@ -145,7 +151,7 @@ def _run(
         if dist.is_main
         else contextlib.nullcontext(None)
     )
-    with tb as writer:
+    with tb as writer:  # open until the run's hparams and final metrics are logged too
         summary = fit(
             model,
             data,
@@ -162,42 +168,44 @@ def _run(
             dist=dist,
             loss_fn=loss_fn,
         )
-    w_bits, a_bits = bit_widths(model)
-    metrics = {
-        "model": arch_name(model.arch),
-        "dataset": data.name,
-        "quant": applied_label(model),
-        "w_bits": w_bits,
-        "a_bits": a_bits,
-        "test_acc": summary["test_acc"],
-        "best_test_acc": summary["best_test_acc"],
-        "epochs": summary["epochs"],
-    }
-    if init:
-        metrics["init"] = init
-    if distilled:
-        metrics["distill"] = {
-            "teacher": str(distill_cfg.get("teacher", "self")),
-            "temperature": loss_fn.temperature,
-            "alpha": loss_fn.alpha,
+        w_bits, a_bits = bit_widths(model)
+        metrics = {
+            "model": arch_name(model.arch),
+            "dataset": data.name,
+            "quant": applied_label(model),
+            "w_bits": w_bits,
+            "a_bits": a_bits,
+            "test_acc": summary["test_acc"],
+            "best_test_acc": summary["best_test_acc"],
+            "epochs": summary["epochs"],
         }
-    if dist.enabled:
-        metrics["world_size"] = dist.world
-    if not dist.is_main:  # the same numbers; the files and the model measurements are rank 0's
-        dist.barrier()
-        return {**metrics, "wall_s": summary["wall_s"], "history": summary["history"]}
-    metrics = {
-        **metrics,
-        **model_metrics(model, data),
-        "latency_ms": measure_latency(model, data),
-        # size_bytes is computed at the quantized widths; a fake-quant checkpoint is fp32 on disk
-        # (pack.py / export.py write the small files)
-        "size_bytes_ckpt_file": _file_size(run_dir / "best.pt"),
-        "wall_s": summary["wall_s"],
-        "run_wall_s": time.perf_counter() - t_start,
-        "history": summary["history"],
-    }
-    write_json(run_dir / "metrics.json", metrics)
+        if init:
+            metrics["init"] = init
+        if distilled:
+            metrics["distill"] = {
+                "teacher": str(distill_cfg.get("teacher", "self")),
+                "temperature": loss_fn.temperature,
+                "alpha": loss_fn.alpha,
+            }
+        if dist.enabled:
+            metrics["world_size"] = dist.world
+        if not dist.is_main:  # the same numbers; the files and the model measurements are rank 0's
+            dist.barrier()
+            return {**metrics, "wall_s": summary["wall_s"], "history": summary["history"]}
+        metrics = {
+            **metrics,
+            **model_metrics(model, data),
+            "latency_ms": measure_latency(model, data),
+            # size_bytes is computed at the quantized widths; a fake-quant checkpoint is fp32 on
+            # disk (pack.py / export.py write the small files)
+            "size_bytes_ckpt_file": _file_size(run_dir / "best.pt"),
+            "wall_s": summary["wall_s"],
+            "run_wall_s": time.perf_counter() - t_start,
+            "history": summary["history"],
+        }
+        write_json(run_dir / "metrics.json", metrics)
+        hparams = run_hparams(cfg, sched, model, metrics, dist.world)
+        log_hparams(writer, hparams, hparam_metrics(metrics), metrics["epochs"])
     log.info(
         "test accuracy %.2f%% (best %.2f%%) after %d epochs; %d params, %.1f MMACs, %.1f KB",
         metrics["test_acc"],
@@ -209,6 +217,125 @@ def _run(
     )
     dist.barrier()  # metrics.json is written when any rank returns
     return metrics
+
+
+# ---------------------------------------------------------------- TensorBoard's HParams
+HParam = bool | int | float | str
+# metrics.json keys logged as the run's HParams metrics, under hparam/ (scalar tags of their
+# own: fit's are train/..., test/...)
+HPARAM_METRICS = ("test_acc", "best_test_acc", "params", "macs", "size_bytes", "latency_ms")
+# what a pruner recorded in the metrics of the checkpoint a pruned model starts from
+PRUNER_KEYS = {"pruner": "name", "importance": "importance", "percent": "percent"}
+PRUNER_KEYS.update(scope="scope", target="target")
+
+
+def hparam_value(v: Any) -> HParam:
+    """`v` as a value TensorBoard's HParams take (bool, int, float, str): None as "none",
+    lists and dicts as JSON, anything else as its str."""
+    if isinstance(v, bool | int | float | str):
+        return v
+    if v is None:
+        return "none"
+    if isinstance(v, list | tuple | dict):
+        return json.dumps(v, sort_keys=True, default=str)
+    return str(v)
+
+
+def flat_hparams(d: dict[str, Any], prefix: str = "") -> dict[str, HParam]:
+    """Nested dicts flattened to dotted keys (`quant.weight.kind`), every value an HParam."""
+    out: dict[str, HParam] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_hparams(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = hparam_value(v)
+    return out
+
+
+def _pruned_by(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The pruner settings that made the checkpoint this run starts from, as prune.py or a
+    pipeline's prune stage recorded them beside it (metrics.json; prune.json in an iterative
+    stage's step); {} when there is none."""
+    start = cfg.get("init_from") or cfg.get("refine")
+    if not start:
+        return {}
+    for name in ("prune.json", "metrics.json"):
+        try:
+            m = json.loads((Path(start).parent / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict) and "pruner" in m and "percent" in m:
+            return {key: m.get(src) for src, key in PRUNER_KEYS.items()}
+    return {}
+
+
+def run_hparams(
+    cfg: dict[str, Any], sched: TrainConfig, model: torch.nn.Module, m: dict[str, Any], world: int
+) -> dict[str, HParam]:
+    """The run's compression settings, flat, for TensorBoard's HParams dashboard: model, data,
+    quantization (label, weight / activation kinds and bits), pruning (the pruner that made a
+    pruned model, when its settings are known), distillation, sparsity and the schedule."""
+    quant = dict(cfg.get("quant") or {})
+    weight, act = dict(quant.get("weight") or {}), dict(quant.get("act") or {})
+    sparsity, distill = dict(cfg.get("sparsity") or {}), m.get("distill")
+    pruned = bool(getattr(model, "pruned_widths", None))
+    hp: dict[str, Any] = {
+        "model": m["model"],
+        "dataset": m["dataset"],
+        "quant": m["quant"],
+        "quant.weight.kind": weight.get("kind", "fp32"),
+        "quant.weight.bits": m["w_bits"],
+        "quant.act.kind": act.get("kind", "fp32"),
+        "quant.act.bits": m["a_bits"],
+        "pruned": pruned,
+        "distill": distill is not None,
+        "sparsity": bool(sparsity.get("enabled")),
+        "schedule.epochs": sched.epochs,
+        "schedule.lr": sched.lr,
+        "schedule.batch_size": sched.batch_size,
+        "schedule.optimizer": sched.optimizer,
+        "schedule.lr_schedule": sched.lr_schedule,
+        "schedule.weight_decay": sched.weight_decay,
+        "seed": int(cfg.get("seed", 0)),
+        "world_size": world,
+        "init_from": cfg.get("init_from") or cfg.get("refine") or "",
+    }
+    if pruned:
+        hp.update({f"pruner.{k}": v for k, v in _pruned_by(cfg).items()})
+    if distill is not None:
+        hp.update({f"distill.{k}": v for k, v in distill.items()})
+    if hp["sparsity"]:
+        hp["sparsity.s"] = float(sparsity.get("s", 1e-4))
+    return flat_hparams(hp)
+
+
+def hparam_metrics(m: dict[str, Any]) -> dict[str, float]:
+    return {f"hparam/{k}": float(m[k]) for k in HPARAM_METRICS if m.get(k) is not None}
+
+
+def log_hparams(
+    writer: SummaryWriter, hparams: dict[str, HParam], metrics: dict[str, float], step: int
+) -> None:
+    """`SummaryWriter.add_hparams(hparams, metrics, run_name=".")` into `writer`'s own events
+    file: the run's folder, no timestamped subfolder and no second events file (one per run,
+    rank 0's). Booleans are logged as booleans (add_hparams makes them numbers)."""
+    exp, start, end = hparams_summaries(hparams, metrics)
+    bools = {k: v for k, v in hparams.items() if isinstance(v, bool)}
+    for s in (exp, start):
+        value = s.value[0]
+        data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+        for info in data.experiment.hparam_infos:
+            if info.name in bools:
+                info.type = api_pb2.DATA_TYPE_BOOL
+        if data.HasField("session_start_info"):
+            for k, v in bools.items():
+                data.session_start_info.hparams[k].bool_value = v
+        value.metadata.plugin_data.content = data.SerializeToString()
+    for s in (exp, start, end):
+        writer.file_writer.add_summary(s, step)
+    for k, v in metrics.items():
+        writer.add_scalar(k, v, step)
+    writer.flush()
 
 
 def _init_record(model: torch.nn.Module) -> dict[str, Any]:
