@@ -102,38 +102,46 @@ def checksum(state: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    path: str | Path, state: dict[str, Any], fmt: str = FORMAT, version: int = VERSION
+) -> Path:
     """Write `state` to `path` atomically: a crash leaves either the old file or the new one.
     The file gets the format tag, the version and the checksum (any stale ones in `state`, as
-    when a loaded checkpoint is saved again, are replaced)."""
+    when a loaded checkpoint is saved again, are replaced). `fmt` and `version`: another
+    format's (pack.py's packed files are written the same way)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     rest = {k: v for k, v in state.items() if k not in ("format", "version", "checksum")}
-    full = {"format": FORMAT, "version": VERSION, **rest}
+    full = {"format": fmt, "version": version, **rest}
     full["checksum"] = checksum(full)
     torch.save(full, tmp)
     os.replace(tmp, path)
     return path
 
 
-def _verify(path: Path, state: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose contents are not what was written (or from a newer writer)."""
+def verify(
+    path: Path, state: dict[str, Any], latest: int = VERSION, what: str = "checkpoint"
+) -> None:
+    """Refuse a loaded file whose contents are not what was written (or from a newer writer):
+    its `version` (1 when absent: written before files carried a checksum, not verified) is at
+    most `latest`, and from version 2 on its `checksum` matches. `what` names the kind of file
+    in the messages (pack.py's packed files are verified the same way)."""
     version = state.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(f"{path} is damaged: its version {version!r} is not a version")
-    if version > VERSION:
+    if version > latest:
         raise CheckpointError(
-            f"{path} is a version {version} checkpoint, written by a newer version of this "
-            f"project (this one reads versions up to {VERSION}): update compress to read it"
+            f"{path} is a version {version} {what}, written by a newer version of this "
+            f"project (this one reads versions up to {latest}): update compress to read it"
         )
     stored = state.get("checksum")
     if stored is None and version == 1:
-        log.debug("%s was written before checkpoints carried a checksum: not verified", path)
+        log.debug("%s was written before %ss carried a checksum: not verified", path, what)
         return
     if stored is None:
         raise CheckpointError(
-            f"{path} is damaged: a version {version} checkpoint carries a checksum, this one none"
+            f"{path} is damaged: a version {version} {what} carries a checksum, this one none"
         )
     if stored != checksum(state):
         raise CheckpointError(
@@ -208,7 +216,7 @@ def _zip_kind(path: Path) -> str | None:
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def _refusal(path: Path, e: Exception, pickle_only: bool) -> CheckpointError:
+def _refusal(path: Path, e: Exception, pickle_only: bool, what: str) -> CheckpointError:
     """The one line for a file that torch.load(weights_only=True) refused. torch's message
     advises weights_only=False, the unsafe load this project refuses: it is not quoted."""
     msg = str(e)
@@ -226,23 +234,27 @@ def _refusal(path: Path, e: Exception, pickle_only: bool) -> CheckpointError:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     reason = lines[0] if lines else type(e).__name__
     reason = reason if len(reason) <= 120 else reason[:117] + "..."
-    return CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason})")
+    return CheckpointError(f"{what} {path} is corrupt or truncated ({reason})")
 
 
-def _load(path: Path, map_location: str | torch.device, expected: str) -> Any:
-    """The object in a torch.save file, after its bytes say it is one."""
+def read_torch_file(
+    path: Path, map_location: str | torch.device, expected: str, what: str = "checkpoint"
+) -> Any:
+    """The object in a torch.save file (weights_only), after its bytes say it is one: anything
+    else is refused in one line naming the file, what it is and `expected`. `what` names the
+    kind of file wanted ("checkpoint", "packed checkpoint")."""
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file: {expected}")
+        raise CheckpointError(f"{path} is a directory, not a {what} file: {expected}")
     try:
         with path.open("rb") as f:
             head = f.read(HEAD)
             whole = len(head) < HEAD or not f.read(1)
     except OSError as e:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
+        raise CheckpointError(f"{what} {path} cannot be read ({e.strerror or e})") from None
     if not head:
-        raise CheckpointError(f"{path} is an empty file, not a checkpoint: {expected}")
+        raise CheckpointError(f"{path} is an empty file, not a {what}: {expected}")
     if head.startswith(ZIP):
         kind = _zip_kind(path)
         if kind is not None:
@@ -255,13 +267,11 @@ def _load(path: Path, map_location: str | torch.device, expected: str) -> Any:
             f"file: refused unread, since unpickling can run arbitrary code; {expected}"
         )
     elif head[:1] != b"\x80":
-        raise CheckpointError(
-            f"{path} is {describe(path, head, whole)}, not a checkpoint: {expected}"
-        )
+        raise CheckpointError(f"{path} is {describe(path, head, whole)}, not a {what}: {expected}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # any failure to read an archive or pickle is a damaged file
-        raise _refusal(path, e, pickle_only=not head.startswith(ZIP)) from None
+        raise _refusal(path, e, pickle_only=not head.startswith(ZIP), what=what) from None
 
 
 # ---------------------------------------------------------------- readers
@@ -281,7 +291,7 @@ def _other_format(path: Path, obj: Any) -> CheckpointError | None:
     return CheckpointError(f"{path} is a '{fmt}' file, not a '{FORMAT}' checkpoint{hint}")
 
 
-def _what(obj: Any) -> str:
+def describe_object(obj: Any) -> str:
     """A loaded object in a few words: 'a dict with keys epoch, lr', 'a list'."""
     what = type(obj).__name__
     keys = ", ".join(map(str, list(obj)[:5])) if isinstance(obj, dict) else ""
@@ -291,9 +301,9 @@ def _what(obj: Any) -> str:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint`, verified against its checksum."""
     path = Path(path)
-    state = _load(path, map_location, CHECKPOINT)
+    state = read_torch_file(path, map_location, CHECKPOINT)
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        _verify(path, state)
+        verify(path, state)
     if is_checkpoint(state):
         return state
     other = _other_format(path, state)
@@ -308,7 +318,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             "init_from= or ckpt= with model=NAME"
         )
     raise CheckpointError(
-        f"{path} is not a compress checkpoint ({_what(state)}; no '{FORMAT}' format tag)"
+        f"{path} is not a compress checkpoint ({describe_object(state)}; no '{FORMAT}' format tag)"
     )
 
 
@@ -346,13 +356,13 @@ def load_weights_file(
     """Read a checkpoint or a plain state_dict file: ("checkpoint", state) or ("state_dict",
     {parameter name: tensor}). Anything else is refused with one line naming the file."""
     path = Path(path)
-    obj = _load(path, map_location, WEIGHTS)
+    obj = read_torch_file(path, map_location, WEIGHTS)
     # anything that claims to be ours is verified, so a damaged format tag cannot pass the
     # weights off as a plain state_dict
     if isinstance(obj, dict) and (
         obj.get("format") == FORMAT or isinstance(obj.get("checksum"), str)
     ):
-        _verify(path, obj)
+        verify(path, obj)
     if is_checkpoint(obj):
         return "checkpoint", obj
     other = _other_format(path, obj)
@@ -361,7 +371,7 @@ def load_weights_file(
     sd = as_state_dict(obj)
     if sd is None:
         raise CheckpointError(
-            f"{path} is neither a compress checkpoint nor a state_dict ({_what(obj)}"
+            f"{path} is neither a compress checkpoint nor a state_dict ({describe_object(obj)}"
             "; expected torch.save(model.state_dict(), f) or a dict holding one under "
             + ", ".join(STATE_DICT_KEYS[:3])
             + ")"

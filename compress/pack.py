@@ -37,16 +37,18 @@ layer's own quantizer maps back to the stored values bit-exactly (verified per l
   BN-fused binary layer.
 The fitted latent weights assume IEEE division by the count on the device that evaluates the
 quantizer (the CPU does); the stored codes and scales are exact everywhere.
+
+A packed file says what it is, as a checkpoint does (compress.checkpoint, whose helpers write
+and read it): its format tag, a `version` and a SHA-256 `checksum` over everything in it.
+`load_packed` identifies the file before it trusts it and verifies the checksum, so a text file,
+a regular checkpoint, a truncated file or flipped bytes are refused in one line naming the file.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,14 @@ import torch
 from torch import nn
 
 from compress.checkpoint import FORMAT as CKPT_FORMAT
-from compress.checkpoint import load_checkpoint
+from compress.checkpoint import (
+    describe_object,
+    is_checkpoint,
+    load_checkpoint,
+    read_torch_file,
+    save_checkpoint,
+    verify,
+)
 from compress.cli import write_json
 from compress.errors import CheckpointError, ConfigError
 from compress.fuse import apply_fused_structure_
@@ -69,6 +78,10 @@ from compress.quant.modules import QConv2d, QLinear
 from compress.spec import arch_name, checkpoint_state, model_from_checkpoint, model_spec
 
 FORMAT = "compress-packed/1"
+# 1: no checksum (written before packed files carried one; still read); 2: `checksum`
+VERSION = 2
+WHAT = "packed checkpoint"
+EXPECTED = "expected a packed checkpoint (the packed.pt that pack.py writes)"
 KINDS = ("binary", "ternary", "dorefa", "lsq")
 _BISECT_SPAN = 1 << 12  # how far (in float32 units in the last place) the sum is searched
 _BISECT_STEPS = 16
@@ -367,27 +380,34 @@ def from_disk(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_packed(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write a packed state (`to_disk` layout) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(to_disk(state), tmp)
-    os.replace(tmp, path)
-    return path
+    """Write a packed state (`to_disk` layout) atomically, with the format tag, the version and
+    the checksum (stale ones in `state`, as when a loaded packed state is saved again, are
+    replaced), as `save_checkpoint` writes a checkpoint."""
+    return save_checkpoint(path, to_disk(state), fmt=FORMAT, version=VERSION)
 
 
 def load_packed(path: str | Path) -> dict[str, Any]:
-    """Load a file written by `save_packed` (weights_only), as `pack_model` returned it."""
+    """Load a file written by `save_packed` (weights_only), as `pack_model` returned it, after
+    its bytes say it is a packed file and its checksum says it is the one written. Anything else
+    (a missing, truncated or damaged file, a text file, a regular checkpoint, ...) is refused
+    with a one-line CheckpointError that names the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"packed checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is corrupt or truncated ({reason})") from None
+    state = read_torch_file(path, "cpu", EXPECTED, what=WHAT)
+    # anything that claims to be a file of this project is verified first, so that a damaged
+    # format tag is reported as damage, not as some other file
+    if isinstance(state, dict) and (
+        state.get("format") == FORMAT or isinstance(state.get("checksum"), str)
+    ):
+        verify(path, state, VERSION, what=WHAT)
+    if is_checkpoint(state):
+        raise CheckpointError(
+            f"{path} is a '{CKPT_FORMAT}' checkpoint, not a '{FORMAT}' {WHAT}: pack it first "
+            f"(python pack.py ckpt={path})"
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a packed checkpoint (no '{FORMAT}' format tag)")
+        raise CheckpointError(
+            f"{path} is not a {WHAT} ({describe_object(state)}; no '{FORMAT}' format tag)"
+        )
     return from_disk(state)
 
 

@@ -68,7 +68,7 @@ def test_every_option_composes_typed(script, override):
         assert isinstance(cfg.sparsity.s, float) and isinstance(cfg.seed, int)
         for part in ("weight", "act"):
             q = cfg.quant[part]
-            if q.kind in ("dorefa", "pact"):
+            if q.kind in ("dorefa", "pact", "lsq"):
                 assert isinstance(q.bits, int), (part, q.bits)
     if "pruner" in cfg:
         assert isinstance(cfg.pruner.percent, float) and isinstance(cfg.pruner.base, int)

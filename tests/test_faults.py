@@ -646,7 +646,7 @@ def test_calib_batches_beyond_the_data_are_clamped_with_a_warning(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="compress.deploy.ptq"):
         assert sum(len(x) for x, _ in calibration_loader(data, 2, 32)) == 64  # exactly all: quiet
-        calibration_loader(data, 5, 32)  # export's requant batches: no option name to give
+        calibration_loader(data, 5, 32)  # a caller that names no option
     assert caplog.text.count("WARNING") == 1 and "5 calibration batches x 32 images" in caplog.text
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import struct
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from compress.checkpoint import save_checkpoint
+from compress import pack
+from compress.checkpoint import checksum, save_checkpoint
 from compress.errors import CheckpointError, ConfigError
 from compress.fuse import fuse_bn_
 from compress.models import create_model
@@ -210,3 +215,159 @@ def test_pack_cli_writes_packed_file_and_real_sizes(cli, tmp_path):
     proc = cli("pack.py", f"hydra.run.dir={out}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "error: ckpt is required: python pack.py ckpt=RUN/best.pt"
+
+
+# ---------------------------------------------------------------- identified and checksummed
+def packed_file(tmp_path: Path) -> tuple[Path, nn.Module]:
+    """A small LSQ ResNet-20 (codes, steps and float tensors all in the file) packed to disk."""
+    model = quantized("resnet20", {"kind": "lsq", "bits": 4}, channels=[4] * 9)
+    return save_packed(tmp_path / "packed.pt", pack_model(model, dataset="cifar10")), model
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert msg and "\n" not in msg and "weights_only" not in msg, msg
+    return msg
+
+
+def member_start(blob: bytes, info: zipfile.ZipInfo) -> int:
+    """Offset of a zip member's bytes (after its local header)."""
+    at = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", blob[at + 26 : at + 30])
+    return at + 30 + name_len + extra_len
+
+
+def codes_member(path: Path, codes: torch.Tensor) -> zipfile.ZipInfo:
+    """The zip member that holds the packed codes blob."""
+    want = codes.numpy().tobytes()
+    with zipfile.ZipFile(path) as z:
+        return next(i for i in z.infolist() if "/data/" in i.filename and z.read(i) == want)
+
+
+def test_a_packed_file_carries_its_format_tag_version_and_checksum(tmp_path):
+    path, model = packed_file(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == "compress-packed/1" and raw["version"] == pack.VERSION == 2
+    assert raw["checksum"] == checksum(raw) and len(raw["checksum"]) == 64
+    state = load_packed(path)
+    assert_round_trip(model, state)
+    again = load_packed(save_packed(tmp_path / "again.pt", state))  # stale checksum replaced
+    assert checksum(again) == checksum(state)
+    before = {k: v for k, v in raw.items() if k not in ("version", "checksum")}
+    torch.save(before, tmp_path / "v1.pt")  # as save_packed wrote it before the checksum
+    assert_round_trip(model, load_packed(tmp_path / "v1.pt"))
+
+
+def test_a_truncated_packed_file_is_refused_in_one_line(tmp_path):
+    path, _ = packed_file(tmp_path)
+    blob = path.read_bytes()
+    for cut in (len(blob) // 2, len(blob) - 30, 100):
+        path.write_bytes(blob[:cut])
+        with pytest.raises(CheckpointError) as e:
+            load_packed(path)
+        assert one_line(e).startswith(f"packed checkpoint {path} is corrupt or truncated ("), e
+
+
+def test_flipped_bytes_in_a_packed_file_are_refused_in_one_line(tmp_path):
+    path, _ = packed_file(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    blob = bytearray(path.read_bytes())
+    info = codes_member(path, raw["codes"])
+    start = member_start(bytes(blob), info)
+    blob[start + 3] ^= 0x01  # two codes changed: torch's zip reader does not check its CRCs
+    blob[start + info.file_size - 1] ^= 0x80
+    path.write_bytes(bytes(blob))
+    assert not torch.equal(torch.load(path, weights_only=True)["codes"], raw["codes"])
+    with pytest.raises(CheckpointError) as e:
+        load_packed(path)
+    assert one_line(e) == (
+        f"{path} is damaged: its tensors or data do not match the checksum written with it "
+        "(use another copy, or write it again)"
+    )
+
+
+def test_random_corruptions_of_a_packed_file_are_refused_or_load_the_original(tmp_path):
+    path, _ = packed_file(tmp_path)
+    original = checksum(load_packed(path))
+    blob = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        tensors = [i for i in z.infolist() if "/data/" in i.filename and i.file_size]
+    rng = random.Random(0)
+    outcomes = {"refused": 0, "damaged": 0, "accepted": 0}
+    for k in range(60):
+        b = bytearray(blob)
+        mode = ("truncate", "flip", "tensor")[k % 3]
+        if mode == "truncate":
+            b = b[: rng.randrange(len(b))]
+        elif mode == "flip":
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(len(b))] ^= rng.randint(1, 255)
+        else:
+            info = rng.choice(tensors)
+            b[member_start(blob, info) + rng.randrange(info.file_size)] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(b))
+        try:
+            got = load_packed(path)
+        except CheckpointError as e:
+            msg = str(e)
+            assert msg and "\n" not in msg and str(path) in msg, (k, mode, msg)
+            outcomes["refused"] += 1
+            outcomes["damaged"] += "is damaged" in msg
+        else:  # only bytes nobody reads were hit
+            assert checksum(got) == original, (k, mode)
+            outcomes["accepted"] += 1
+    assert outcomes["damaged"] >= 20 and outcomes["refused"] >= 45, outcomes
+
+
+def test_a_file_that_is_no_packed_file_is_named_in_one_line(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nworld\n")
+    model = quantized("resnet20", {"kind": "lsq", "bits": 4}, channels=[4] * 9)
+    ckpt = save_checkpoint(tmp_path / "best.pt", checkpoint_state(model))
+    torch.save({"epoch": 3, "acc": 91.0}, tmp_path / "dict.pt")
+    expected = "expected a packed checkpoint (the packed.pt that pack.py writes)"
+    cases = {
+        text: f"{text} is a text file (it begins 'hello'), not a packed checkpoint: {expected}",
+        ckpt: f"{ckpt} is a 'compress/1' checkpoint, not a 'compress-packed/1' packed "
+        f"checkpoint: pack it first (python pack.py ckpt={ckpt})",
+        tmp_path / "dict.pt": f"{tmp_path / 'dict.pt'} is not a packed checkpoint (a dict with "
+        "keys epoch, acc; no 'compress-packed/1' format tag)",
+        tmp_path / "no.pt": f"packed checkpoint {tmp_path / 'no.pt'} does not exist",
+        tmp_path: f"{tmp_path} is a directory, not a packed checkpoint file: {expected}",
+    }
+    for path, want in cases.items():
+        with pytest.raises(CheckpointError) as e:
+            load_packed(path)
+        assert one_line(e) == want
+
+
+def test_pack_py_refuses_a_damaged_packed_file_in_one_line(entry, tmp_path, monkeypatch):
+    """pack.py reads its packed file back to prove the round trip: damage between the write
+    and the read (a bad disk) is one line and exit 2; so is a packed file passed as ckpt=."""
+    model = quantized("resnet20", {"kind": "lsq", "bits": 4}, channels=[4] * 9)
+    ckpt = save_checkpoint(tmp_path / "best.pt", checkpoint_state(model))
+    real = pack.save_packed
+
+    def save_and_damage(path, state):
+        path = real(path, state)
+        blob = bytearray(path.read_bytes())
+        info = codes_member(path, torch.load(path, weights_only=True)["codes"])
+        blob[member_start(bytes(blob), info)] ^= 0x10
+        path.write_bytes(bytes(blob))
+        return path
+
+    monkeypatch.setattr(pack, "save_packed", save_and_damage)
+    code, _, err = entry("pack", f"ckpt={ckpt}", run_dir=tmp_path / "run")
+    packed = tmp_path / "run" / "packed.pt"
+    assert code == 2 and "Traceback" not in err and err.strip().count("\n") == 0, err
+    assert err.strip() == (
+        f"error: {packed} is damaged: its tensors or data do not match the checksum written "
+        "with it (use another copy, or write it again)"
+    )
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    code, _, err = entry("pack", f"ckpt={packed}", run_dir=tmp_path / "run2")
+    assert code == 2 and "Traceback" not in err and err.strip().count("\n") == 0, err
+    assert err.strip() == (
+        f"error: {packed} is a 'compress-packed/1' file, not a 'compress/1' checkpoint "
+        "(pack.py's packed file: pass the checkpoint pack.py read)"
+    )

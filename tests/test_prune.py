@@ -282,6 +282,84 @@ def test_a_quantized_model_is_pruned_with_its_learned_clips(entry, tmp_path):
     assert not any(isinstance(m, PACTAct) for m in float_model.modules())
 
 
+W4A4L = {"weight": {"kind": "lsq", "bits": 4}, "act": {"kind": "lsq", "bits": 4}}
+
+
+def lsq_model(seed: int = 0) -> nn.Module:
+    """An 8-channel ResNet-20 with LSQ weights and activations: activation steps initialised
+    from a batch, per-channel weight steps made distinct (as if learned), random BNs."""
+    from compress.quant import quantize_
+    from compress.quant.quantizers import LSQWeight
+
+    torch.manual_seed(seed)
+    model = quantize_(create_model("resnet20", channels=[8] * 9), W4A4L)
+    with torch.no_grad():
+        model.train()(torch.randn(16, *SHAPE))
+        for q in (m for m in model.modules() if isinstance(m, LSQWeight)):
+            q.step.mul_(torch.rand_like(q.step) + 0.5)
+    return randomize_bn_(model)
+
+
+def lsq_steps(model: nn.Module) -> dict[str, torch.Tensor]:
+    from compress.quant.quantizers import LSQWeight
+
+    return {
+        n: m.weight_quant.step.detach().clone()
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight_quant", None), LSQWeight)
+    }
+
+
+def test_an_lsq_model_is_thinned_with_the_steps_of_its_kept_channels():
+    """LSQ weights hold one learned step per output channel: thinning a layer keeps exactly the
+    kept channels' steps, and the thinned model computes what the unpruned one does with the
+    pruned channels' importance (BN scale and shift) zeroed."""
+    model = lsq_model()
+    steps = lsq_steps(model)
+    graph = channel_graph(model, SHAPE)
+    keep = select_channels(graph, "normal", 0.4)
+    small = thin(model, keep, SHAPE).eval()
+    kept: dict[str, torch.Tensor] = {}
+    for g, k in zip(graph.groups, keep, strict=True):
+        for name, chans, classes in g.producers:
+            kept[name] = chans[torch.isin(classes, k)].sort().values
+    thinned = lsq_steps(small)
+    assert kept and set(kept) <= set(steps)  # the pruned layers are LSQ layers
+    for name, idx in kept.items():
+        layer = small.get_submodule(name)
+        assert len(idx) < 8 and thinned[name].shape == (layer.out_channels,) == idx.shape
+        assert torch.equal(thinned[name], steps[name][idx]), name
+    for name in set(steps) - set(kept):  # layers whose outputs were not pruned: untouched
+        assert torch.equal(thinned[name], steps[name]), name
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(x)
+        masked = mask_(graph, keep)(x)  # pruned channels at zero importance, unpruned layers
+        assert torch.equal(small(x), masked)
+        assert not torch.allclose(full, masked, atol=1e-3)  # pruning changed something
+        name = next(iter(kept))  # the first channels' steps instead of the kept ones': wrong
+        small.get_submodule(name).weight_quant.step.copy_(steps[name][: len(kept[name])])
+        assert not torch.equal(small(x), masked)
+
+
+def test_prune_py_prunes_an_lsq_checkpoint(entry, tmp_path):
+    model = lsq_model()
+    steps = lsq_steps(model)
+    state = {**checkpoint_state(model), "config": {"dataset": {"name": "synthetic"}}}
+    ckpt = save_checkpoint(tmp_path / "lsq.pt", state)
+    code, _, err = entry("prune", f"ckpt={ckpt}", "pruner.percent=0.3", run_dir=tmp_path / "p")
+    assert code == 0, err
+    again = model_from_checkpoint(load_checkpoint(tmp_path / "p" / "pruned.pt")).eval()
+    thinned = lsq_steps(again)
+    assert thinned.keys() == steps.keys()
+    assert any(len(thinned[n]) < len(steps[n]) for n in steps)
+    for name, step in thinned.items():  # each a kept channel's step, in the original order
+        assert step.shape == (again.get_submodule(name).out_channels,)
+        at = [int((steps[name] == v).nonzero()[0]) for v in step]
+        assert at == sorted(set(at)), name
+    again(torch.randn(2, *SHAPE))
+
+
 class SharedConv(nn.Module):
     """One conv applied twice (weight sharing): its channels must keep one width."""
 

@@ -5,6 +5,7 @@ end to end through export.py on a model trained with QAT on the synthetic set.""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -414,6 +415,28 @@ def test_requantized_outputs_cover_only_what_the_next_quantizer_can_see():
         assert isinstance(out, QDQAct) and (out.hi - out.zero_point) * out.scale <= alpha * 1.01
     got = check_exact(model, qdq, torch.randn(64, 3, 32, 32))
     assert got["top1_agreement"] >= 90.0
+
+
+def test_requant_batches_beyond_the_data_are_clamped_naming_the_option(caplog):
+    """export.py's ranges for the requantized layers: more requant_batches x 32 images than the
+    training split holds are all of its images, and the warning names the option that asked."""
+    from compress.tasks.common import load_data
+    from compress.tasks.export import integer_model
+
+    model = _model("resnet20", W4A4P)
+    data = load_data({"name": "synthetic", "num_train": 64, "num_test": 16}, 0)
+    with caplog.at_level(logging.WARNING, logger="compress.deploy.ptq"):
+        qdq, m = integer_model(model, {"quant": W4A4P}, {"requant_batches": 3}, data)
+    assert (
+        "requant_batches=3 x 32 images is more than the 64 training images: calibrating on all"
+        " 64 (2 batches)" in caplog.text
+    )
+    assert "calibration batches" not in caplog.text
+    assert qdq is not None and m["qdq_calib_images"] == 64 and m["qdq_requantized_layers"] == 9
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="compress.deploy.ptq"):
+        _, m = integer_model(model, {"quant": W4A4P}, {"requant_batches": 2}, data)
+    assert "WARNING" not in caplog.text and m["qdq_calib_images"] == 64  # exactly all: quiet
 
 
 def test_a_torchvision_model_with_a_shared_relu_becomes_integer():

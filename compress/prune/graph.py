@@ -708,6 +708,8 @@ def _resize(
         if in_idx is not None:
             w = w[:, torch.tensor(in_idx)]
         _set_param(m, "weight", w)
+        if out_idx is not None:
+            _keep_out_channels(m, torch.tensor(out_idx))
         if m.bias is not None and out_idx is not None:
             _set_param(m, "bias", m.bias.data[torch.tensor(out_idx)])
         m.in_features, m.out_features = w.shape[1], w.shape[0]
@@ -717,6 +719,7 @@ def _resize(
     if depthwise:
         idx = torch.tensor(in_idx if in_idx is not None else out_idx)
         _set_param(m, "weight", w[idx])
+        _keep_out_channels(m, idx)  # one output channel per input channel
         if m.bias is not None:
             _set_param(m, "bias", m.bias.data[idx])
         m.in_channels = m.out_channels = m.groups = len(idx)
@@ -739,10 +742,20 @@ def _resize(
             raise PruneError(f"{name}: kept input channels left their group")
         new[r_new] = w[r_old, [c - grp * in_per_old for c in cols]]
     _set_param(m, "weight", new)
+    if out_idx is not None:
+        _keep_out_channels(m, torch.tensor(out_idx))
     if m.bias is not None and out_idx is not None:
         _set_param(m, "bias", m.bias.data[torch.tensor(out_idx)])
     m.in_channels, m.out_channels = len(ins), len(outs)
     return {"in_channels": m.in_channels, "out_channels": m.out_channels, "groups": g}
+
+
+def _keep_out_channels(m: nn.Module, idx: torch.Tensor) -> None:
+    """Thin the per-output-channel state of a quantized layer's weight quantizer (LSQ's learned
+    step) to the kept output channels `idx`, as its weight was."""
+    keep = getattr(getattr(m, "weight_quant", None), "keep_out_channels_", None)
+    if keep is not None:
+        keep(idx)
 
 
 def _set_param(m: nn.Module, attr: str, value: torch.Tensor) -> None:

@@ -261,7 +261,8 @@ def integer_model(
     n = requant_batches(cfg)
     calib = None
     if n and fmt != "ncnn":  # ncnn: an added 8-bit range would stay fp32 there anyway
-        loader = calibration_loader(data, n, REQUANT_BATCH_SIZE, int(cfg.get("seed", 0)))
+        seed = int(cfg.get("seed", 0))
+        loader = calibration_loader(data, n, REQUANT_BATCH_SIZE, seed, key="requant_batches")
         calib = (x for x, _ in loader)
     try:
         qdq, report = to_qdq(model, calib)
