@@ -53,6 +53,9 @@ class TrainSettings:
     channels_last: bool | None = None  # null: on CUDA only (NHWC convs are faster there)
     compile: bool = False  # torch.compile the training step
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    # flip test-time augmentation: each evaluation also reports test_acc_tta (the logits of an
+    # image and its mirror image averaged); test_acc and the choice of best.pt stay without it
+    tta: bool = False
     progress: bool = True  # a progress bar on a terminal
     # under torchrun: SyncBatchNorm (BN statistics over all processes' batches; CUDA only)
     sync_bn: bool = False
@@ -252,7 +255,7 @@ def validate_schedule(d: dict[str, Any], prefix: str = "schedule") -> None:
         every,
         "null (at epoch ends only) or a number of optimizer steps >= 1",
     )
-    for key in ("nesterov", "progress", "compile"):
+    for key in ("nesterov", "progress", "compile", "tta"):
         _check_bool(f"{p}.{key}", c[key])
     if c["channels_last"] is not None:
         _check_bool(f"{p}.channels_last", c["channels_last"])

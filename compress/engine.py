@@ -154,9 +154,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loader: TensorLoader, precision: str = "fp32", dist: Dist | None = None
+    model: nn.Module,
+    loader: TensorLoader,
+    precision: str = "fp32",
+    dist: Dist | None = None,
+    tta: bool = False,
 ) -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy over a loader.
+    """Top-1 accuracy (percent) and mean cross-entropy over a loader; with `tta`, also
+    `acc_tta`: the accuracy of the logits averaged over each image and its horizontal mirror
+    (flip test-time augmentation, one more forward pass).
 
     With `dist` enabled, `loader` holds this rank's shard and the sums are added over ranks:
     every rank returns the numbers of the whole test set.
@@ -166,16 +172,25 @@ def evaluate(
     # float would be
     loss = torch.zeros((), dtype=torch.float64, device=loader.device)
     correct = torch.zeros((), dtype=torch.long, device=loader.device)
+    correct_tta = torch.zeros((), dtype=torch.long, device=loader.device)
     n = 0
     for x, y in loader:
         with autocast(loader.device, precision):
             out = model(x)
+            mirrored = model(x.flip(-1)) if tta else None
         loss += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
+        if mirrored is not None:
+            correct_tta += ((out.float() + mirrored.float()).argmax(1) == y).sum()
         n += len(y)
     if dist is not None and dist.enabled:
+        if tta:
+            dist.all_reduce_sum(correct_tta)
         loss, correct, n = _sum_over_ranks(dist, loss, correct, n)
-    return {"acc": 100.0 * correct.item() / max(n, 1), "loss": loss.item() / max(n, 1)}
+    result = {"acc": 100.0 * correct.item() / max(n, 1), "loss": loss.item() / max(n, 1)}
+    if tta:
+        result["acc_tta"] = 100.0 * correct_tta.item() / max(n, 1)
+    return result
 
 
 def _sum_over_ranks(
@@ -650,7 +665,7 @@ def fit(
                 # BN running statistics are per process: every rank evaluates (and rank 0
                 # saves) rank 0's
                 dist.broadcast_buffers(model)
-                te = evaluate(model, test_loader, cfg.precision, dist)
+                te = evaluate(model, test_loader, cfg.precision, dist, cfg.tta)
                 if not math.isfinite(te["loss"]):  # before any checkpoint of this epoch
                     raise DivergenceError(
                         f"training diverged: the test loss is {te['loss']} after epoch "
@@ -667,6 +682,8 @@ def fit(
                 "test_acc": te["acc"],
                 "lr": optimizer.param_groups[0]["lr"],
             }
+            if cfg.tta:
+                row["test_acc_tta"] = te.get("acc_tta")
             history.append(row)
             if main:
                 test = (
@@ -674,6 +691,8 @@ def fit(
                     if evaluated
                     else "not evaluated"
                 )
+                if evaluated and cfg.tta:
+                    test += f" (flip TTA {te['acc_tta']:.2f}%)"
                 log.info(
                     "epoch %d/%d  train loss %.4f acc %.2f%%  %s  (%.0fs)",
                     epoch + 1,
@@ -711,8 +730,10 @@ def fit(
         log.warning("%s arrived as training ended: the run finishes", stop.name)
     dist.barrier()  # rank 0's checkpoints are on disk when any rank returns
     final = history[-1]
+    tta = {"test_acc_tta": final["test_acc_tta"]} if "test_acc_tta" in final else {}
     return {
         "test_acc": final["test_acc"],
+        **tta,
         "best_test_acc": best,
         "epochs": cfg.epochs,
         "wall_s": wall,

@@ -185,3 +185,42 @@ def test_auto_settings_follow_the_device():
 def test_compiled_training_step_learns(tmp_path):
     metrics = run_training(tiny_cfg(epochs=2, compile=True), tmp_path)
     assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+
+
+class _Column(torch.nn.Module):
+    """Logits from one image column: class 0 reads the leftmost, class 1 the rightmost, so a
+    mirror image swaps them and the flip-averaged logits are known by hand."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = x[:, 0, 0, 0], x[:, 0, 0, -1]
+        return torch.stack([left, right, 0.5 * (left + right) + 0.01], 1)
+
+
+def test_flip_tta_averages_an_image_and_its_mirror():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 4, 4, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+
+    class Batches(list):  # what evaluate reads of a loader: batches and a device
+        device = torch.device("cpu")
+
+    loader = Batches([(x[i : i + 16], y[i : i + 16]) for i in range(0, 40, 16)])
+    got = engine.evaluate(_Column(), loader, tta=True)
+    left, right = x[:, 0, 0, 0], x[:, 0, 0, -1]
+    plain = torch.stack([left, right, 0.5 * (left + right) + 0.01], 1).argmax(1)
+    # the mirror swaps classes 0 and 1: both get (left + right), class 2 keeps 2x its logit,
+    # so the averaged prediction is class 2 exactly where its 0.02 margin wins
+    mean = torch.stack([left + right, left + right, left + right + 0.02], 1).argmax(1)
+    assert got["acc"] == pytest.approx(100.0 * (plain == y).float().mean().item())
+    assert got["acc_tta"] == pytest.approx(100.0 * (mean == y).float().mean().item())
+    assert got["acc_tta"] != got["acc"]  # the data make the two differ
+    assert "acc_tta" not in engine.evaluate(_Column(), loader)
+
+
+def test_tta_is_reported_beside_the_plain_accuracy(tmp_path):
+    m = run_training(tiny_cfg(epochs=2, tta=True), tmp_path)
+    assert all("test_acc_tta" in row for row in m["history"])
+    assert m["test_acc_tta"] == m["history"][-1]["test_acc_tta"]
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["test_acc"] == m["best_test_acc"]  # best.pt is chosen without TTA
+    assert "test_acc_tta" not in run_training(tiny_cfg(epochs=1), tmp_path / "plain")

@@ -177,6 +177,7 @@ def _run(
             "a_bits": a_bits,
             "test_acc": summary["test_acc"],
             "best_test_acc": summary["best_test_acc"],
+            **({"test_acc_tta": summary["test_acc_tta"]} if "test_acc_tta" in summary else {}),
             "epochs": summary["epochs"],
         }
         if init:
