@@ -1,0 +1,100 @@
+"""bench/cpu_table.py: the results table's rows come from the runs' metrics.json (unit tests
+on hand-made metrics), and `--tiny` runs every kind of row end to end (slow)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import cpu_table  # noqa: E402
+
+
+def _row(key: str) -> cpu_table.Row:
+    return next(r for r in cpu_table.rows(5, 2) if r.key == key)
+
+
+def test_every_mode_of_the_issue_is_a_row_within_five_finetune_epochs():
+    keys = [r.key for r in cpu_table.rows(5, 2)]
+    for q in ("w8a8", "w4a4", "w2a2", "w8a8p", "w4a4p", "w2a2p", "w8a8l", "w4a4l", "w3a3l"):
+        assert q in keys
+    for k in ("w2a2l", "wba32", "wta32", "wbab", "wtab", "int8_qat", "l1_30", "l1_50"):
+        assert k in keys
+    assert {"ptq_minmax", "ptq_percentile", "ptq_entropy", "slim_50", "l1_50_w4a4l"} <= set(keys)
+    assert len(keys) == len(set(keys))
+    for r in cpu_table.rows(5, 2):
+        assert r.seeds == (2 if r.key[:4] in ("w4a4", "w2a2") else 1), r.key
+        if r.kind == "finetune":
+            assert "schedule.epochs=5" in r.args and "distill=kd" in r.args
+        if r.kind == "pipeline":  # the stage epochs add up to the budget
+            stages = next(a for a in r.args if a.startswith("schedule.stages="))
+            epochs = [int(n) for n in re.findall(r"epochs: (\d+)", stages)]
+            assert sum(epochs) == 5, (r.key, stages)
+
+
+def test_a_row_reads_its_runs_and_its_goal():
+    base = {"test_acc": 91.0, "params": 100, "macs": 1000}
+    got = cpu_table.Measured(_row("w4a4l"), wall_s=120.0)
+    got.runs = [{"test_acc": 90.5, "params": 110, "macs": 1000, "epochs": 5}, {"test_acc": 90.1}]
+    got.pack = {"size_bytes_packed_file": 4321}
+    got.exports = {"onnx": {"latency_ms_bs1_int8": 0.5, "latency_ms_bs64_int8": 8.0}}
+    line = cpu_table.table_row(got, base, {"onnx": {1: 1.0, 64: 10.0}})
+    assert line["top1"] == "90.30" and line["spread"] == "0.40" and line["seeds"] == 2
+    assert line["delta"] == "-0.70" and line["met"] == "yes"  # the goal is base - 0.7
+    assert (line["ort_int8_bs1"], line["ort_int8_bs64"]) == ("0.50", "0.80")
+    assert line["ov_int8_bs1"] == "" and line["packed_bytes"] == 4321
+    assert (line["params"], line["finetune_epochs"], line["wall_min"]) == (110, 5, "2.0")
+    got.runs[1]["test_acc"] = 89.9
+    assert cpu_table.table_row(got, base, {})["met"] == "no"
+
+
+def test_a_failed_row_is_a_row_that_says_why():
+    got = cpu_table.Measured(_row("wbab"), failed="exit 3: error: training diverged")
+    line = cpu_table.table_row(got, {"test_acc": 91.0}, {})
+    assert line["status"] == "exit 3: error: training diverged" and line["top1"] == ""
+    assert line["goal"] == "as high as possible" and line["met"] == ""
+
+
+def test_ptq_rows_take_the_base_architecture_and_their_own_ort_timing():
+    got = cpu_table.Measured(_row("ptq_entropy"))
+    got.runs = [{"test_acc_int8": 90.8, "latency_ms_bs1_int8": 0.3, "latency_ms_bs64_int8": 5}]
+    base = {"test_acc": 91.0, "params": 100, "macs": 1000}
+    line = cpu_table.table_row(got, base, {"onnx": {1: 0.6, 64: 10.0}})
+    assert (line["top1"], line["delta"], line["met"]) == ("90.80", "-0.20", "yes")
+    assert (line["params"], line["macs"], line["finetune_epochs"]) == (100, 1000, 0)
+    assert (line["ort_int8_bs1"], line["ort_int8_bs64"]) == ("0.50", "0.50")
+
+
+def test_a_pipeline_row_exports_its_last_stage(tmp_path):
+    stage = tmp_path / "01_finetune"
+    stage.mkdir()
+    (stage / "stage.json").write_text(json.dumps({"kind": "finetune", "checkpoint": "best.pt"}))
+    metrics = {"stages": [{"stage": "00_prune"}, {"stage": "01_finetune"}]}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert cpu_table.final_checkpoint(tmp_path) == stage / "best.pt"
+    assert cpu_table.final_checkpoint(tmp_path / "x") == tmp_path / "x" / "best.pt"
+
+
+@pytest.mark.slow
+def test_tiny_table_runs_every_kind_of_row_and_resumes(tmp_path, capsys):
+    table = tmp_path / "table.md"
+    args = ["--tiny", "--out", str(tmp_path / "out"), "--table", str(table)]
+    assert cpu_table.main(args) == 0
+    rows = list(csv.DictReader(table.with_suffix(".csv").read_text().splitlines()))
+    assert [r["key"] for r in rows] == ["fp32", "w4a4l", "ptq_minmax", "l1_30"]
+    assert all(r["status"] == "ok" and r["top1"] for r in rows), rows
+    by = {r["key"]: r for r in rows}
+    assert int(by["l1_30"]["macs"]) < int(by["fp32"]["macs"])  # the pruned row is pruned
+    assert by["w4a4l"]["packed_bytes"] and by["w4a4l"]["ort_int8_bs1"]
+    assert by["ptq_minmax"]["ort_int8_bs1"] and by["ptq_minmax"]["finetune_epochs"] == "0"
+    text = table.read_text()
+    assert "python calibrate.py" in text and "Machine: " in text
+    capsys.readouterr()
+    assert cpu_table.main(args) == 0  # every step done: nothing runs again
+    assert "ok in" not in capsys.readouterr().out
