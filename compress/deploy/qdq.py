@@ -11,7 +11,9 @@ post-training quantization).
   (int8 inputs are not fused into integer convs by ONNX Runtime); ternary: uint8 {0, 1, 2}
   (thresholds at +-t); binary: uint8 {0, 2} read as -1 / +1). A quantizer
   module called at several sites (torchvision's shared ReLU) becomes one QDQAct;
-- BNs are folded into the layer before them (compress.fuse, exact);
+- BNs are folded into the layer before them (compress.fuse with exact=False: Q(w) * s baked into
+  the weights, which integer codes times a per-channel scale express; equal to float rounding,
+  not bit for bit where a rounding quantizer follows);
 - every conv / linear whose weight is quantized and whose input is such an integer tensor is a
   `QDQConv2d` / `QDQLinear`: an int8 weight initializer with one scale per output channel (BN's
   scale folded in) and an int32 bias at scale input_scale * weight_scale, which is what the

@@ -10,7 +10,7 @@ channels that must be pruned together. Classes whose atoms come from the same la
 Anything the graph does not understand freezes the channels it touches (never pruned), so an
 unknown op can cost pruning opportunities but never produce a wrong model. That is where this
 graph differs from Torch-Pruning, which assumes an unknown op keeps channels in place (wrong
-for this project's channel shuffle and option-A shortcut, see the README).
+for this project's channel shuffle and option-A shortcut, see docs/pruning.md).
 """
 
 from __future__ import annotations
