@@ -18,7 +18,7 @@ from compress.errors import CheckpointError
 from compress.fuse import OutputScale, count_bn, fuse_bn_
 from compress.models import create_model
 from compress.pipeline import run_pipeline
-from compress.quant import QConv2d, QLinear, quantize_, weight_quantizer
+from compress.quant import QConv2d, QLinear, quantize_
 from compress.spec import checkpoint_state, model_from_checkpoint
 from tests.test_engine import tiny_cfg
 from tests.test_fuse import randomize_bn_
@@ -39,18 +39,8 @@ CASES = {
 REL = 1e-4  # max |logit diff| relative to the largest logit
 
 
-def has_lsq() -> bool:
-    try:
-        weight_quantizer({"kind": "lsq", "bits": 4})
-    except Exception:  # an unknown kind is a ConfigError today; anything means "not here"
-        return False
-    return True
-
-
 def quantized_model(name: str, weight: dict, act: dict, seed: int = 0) -> nn.Module:
     """A small zoo model, quantized, with random BN statistics and trained-looking ranges."""
-    if "lsq" in (weight["kind"], act["kind"]) and not has_lsq():
-        pytest.skip("LSQ quantizers are not in compress.quant.quantizers yet")
     torch.manual_seed(seed)
     model = create_model(name, **MODELS[name])
     quantize_(model, {"weight": weight, "act": act})

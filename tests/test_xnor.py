@@ -18,8 +18,9 @@ xnor = pytest.importorskip("compress.deploy.xnor")
 
 try:
     xnor.extension()
-except xnor.XnorBuildError as e:  # no compiler / ninja on this machine
+except xnor.XnorToolchainMissing as e:  # no compiler / ninja on this machine: nothing to test
     pytest.skip(str(e), allow_module_level=True)
+# any other XnorBuildError (the kernel's source does not compile) fails every test here
 
 ISAS = xnor.available_isas()
 EPS = torch.finfo(torch.float32).eps

@@ -72,7 +72,12 @@ _EXT = None
 
 
 class XnorBuildError(RuntimeError):
-    pass
+    """The extension could not be built (a compiler error in its source: a bug, not a
+    machine without tools)."""
+
+
+class XnorToolchainMissing(XnorBuildError):
+    """This machine has no C++ compiler or no ninja: the extension cannot be built here."""
 
 
 def _build_dir() -> Path:
@@ -91,7 +96,7 @@ def extension():
         return _EXT
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
-        raise XnorBuildError(
+        raise XnorToolchainMissing(
             f"compress.deploy.xnor needs a C++ compiler ({cxx!r} not found on PATH; "
             "install g++ or set CXX) to build its XNOR conv extension"
         )
@@ -100,7 +105,7 @@ def extension():
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError as e:
-        raise XnorBuildError(
+        raise XnorToolchainMissing(
             "compress.deploy.xnor needs ninja to build its extension: pip install ninja"
         ) from e
     try:
@@ -683,6 +688,7 @@ __all__ = [
     "ISAS",
     "PackedWeight",
     "XnorBuildError",
+    "XnorToolchainMissing",
     "UnpackBits",
     "XnorBitsConv2d",
     "XnorConv2d",
