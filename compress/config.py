@@ -255,7 +255,7 @@ def validate_schedule(d: dict[str, Any], prefix: str = "schedule") -> None:
         every,
         "null (at epoch ends only) or a number of optimizer steps >= 1",
     )
-    for key in ("nesterov", "progress", "compile", "tta"):
+    for key in ("nesterov", "progress", "compile", "tta", "sync_bn"):
         _check_bool(f"{p}.{key}", c[key])
     if c["channels_last"] is not None:
         _check_bool(f"{p}.channels_last", c["channels_last"])

@@ -111,6 +111,7 @@ def test_ptq_int8_agrees_with_fp32(exported, tmp_path, method):
     assert qdq["int8_weights"] == qdq["per_channel_weights"] == 20
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_calibrate_entry_writes_int8_model_and_metrics(entry, trained, tmp_path):
     code, out, err = entry(
         "calibrate.py",

@@ -219,6 +219,7 @@ def test_two_processes_match_one_process_exactly(tmp_path):
 
 
 # ---------------------------------------------------------------- torchrun train.py
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_torchrun_matches_global_batch_and_only_rank0_writes(tmp_path):
     """`torchrun --nproc_per_node=2 train.py` without hydra.run.dir: one dated run folder, no
     stray folders, the same files as a single-process run. Against 1 process x 16 images the
@@ -275,6 +276,7 @@ def test_torchrun_matches_global_batch_and_only_rank0_writes(tmp_path):
     assert not [p for p in (tmp_path / "tmpdir").iterdir() if p.name.startswith("compress-")]
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_torchrun_pact_qat(tmp_path):
     """quant=w4a4p (PACT's learned clips are parameters DDP averages) under 2 processes."""
     out = _train(tmp_path, "quant=w4a4p", "schedule.batch_size=8", "hydra.run.dir=run", nproc=2)
@@ -287,6 +289,7 @@ def test_torchrun_pact_qat(tmp_path):
     assert '"a_bits": 4' in metrics and '"world_size": 2' in metrics
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_torchrun_distills_from_a_plain_state_dict(tmp_path):
     """init_from a state_dict trained elsewhere, KD from it (teacher=self) under 2 processes:
     every rank builds the same frozen teacher; rank 0 records it."""

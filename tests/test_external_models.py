@@ -74,6 +74,7 @@ def staged(model: dict, *stages) -> dict:
     return cfg
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 @pytest.mark.parametrize(
     "model",
     [

@@ -85,6 +85,7 @@ def test_a_huge_lr_stops_the_first_epoch_and_writes_no_best(tmp_path, num_train)
     assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_divergence_through_the_entry_point_exits_3(entry, tmp_path):
     result = entry("train", *TINY, "model=resnet20", "schedule.lr=1e9", run_dir=tmp_path)
     assert_entry_line(result, 3, "error: training diverged: ", "lower schedule.lr")
@@ -149,6 +150,7 @@ def test_non_finite_weights_after_an_epoch_are_caught(tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_a_diverged_pipeline_stage_is_named(tmp_path):
     with pytest.raises(FloatingPointError) as e:
         run_pipeline(staged("train", {"stage": "finetune", "lr": 1e9}), tmp_path)

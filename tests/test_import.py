@@ -162,6 +162,7 @@ def test_torchvision_weight_names_come_from_the_hub_cache_only(tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------- ckpt= for the other entries
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_prune_fuse_export_take_a_state_dict_with_model(entry, tmp_path):
     torch.manual_seed(0)
     model = create_model("resnet20", channels=[8] * 9)
@@ -202,6 +203,7 @@ def test_read_source_of_a_compress_checkpoint_is_unchanged(tmp_path):
     assert state["arch"]["name"] == "resnet20" and state["format"] == "compress/1"
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_the_compress_trained_recipe_runs_from_a_state_dict(tmp_path):
     """experiment=compress_trained on a model trained elsewhere: prune by L1 to half the MACs,
     finetune with KD, LSQ W4A4 with KD, integer ONNX checked in ONNX Runtime (shortened)."""

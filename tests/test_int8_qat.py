@@ -148,6 +148,78 @@ def test_activation_gradient_is_zero_outside_the_clipped_range():
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
 
 
+# The range [lo, hi] = [-1, 2.984375] has scale 1/64 and zero point 64 exactly (255 steps of
+# 1/64 from -64/64), so every probe below is exact in fp32 and x / scale lands where the name
+# says. `inside` is decided on the rounded level (as torch.fake_quantize_per_tensor_affine):
+# within half a step outside the range a value rounds onto the end code without being clamped
+# (gradient 1); nearer the next code it is clamped (gradient 0).
+LO, HI, STEP = -1.0, 2.984375, 1 / 64
+EDGE_PROBES = {  # x: the gradient fake_quant_affine passes
+    LO - 10: 0.0,
+    LO - STEP: 0.0,  # code -1: clamped to 0
+    LO - 0.75 * STEP: 0.0,  # rounds to code -1: clamped
+    LO - 0.25 * STEP: 1.0,  # rounds to code 0 (lo)
+    LO: 1.0,  # code 0, the bottom of the range
+    LO + 0.25 * STEP: 1.0,
+    LO + STEP: 1.0,
+    0.0: 1.0,  # the zero point
+    HI - STEP: 1.0,
+    HI - 0.25 * STEP: 1.0,  # rounds to code 255
+    HI: 1.0,  # code 255, the top of the range
+    HI + 0.25 * STEP: 1.0,  # rounds to code 255
+    HI + 0.75 * STEP: 0.0,  # rounds to code 256: clamped
+    HI + STEP: 0.0,
+    HI + 10: 0.0,
+}
+
+
+def test_activation_gradient_at_and_around_both_ends_of_the_range():
+    scale, zp = act_qparams(torch.tensor(LO), torch.tensor(HI))
+    assert (float(scale), float(zp)) == (STEP, 64.0)  # exact: the probes sit where intended
+    x = torch.tensor(list(EDGE_PROBES), requires_grad=True)
+    # the float32 neighbours of lo and hi (one ulp inside and outside): the end codes
+    lo, hi = torch.tensor(LO), torch.tensor(HI)
+    ulps = torch.stack(
+        [torch.nextafter(v, v + d) for v in (lo, hi) for d in (-1.0, 1.0)]
+    ).requires_grad_()
+    fake_quant_affine(x, scale, zp).sum().backward()
+    fake_quant_affine(ulps, scale, zp).sum().backward()
+    assert dict(zip(EDGE_PROBES, x.grad.tolist(), strict=True)) == EDGE_PROBES
+    assert ulps.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert act_codes(ulps, scale, zp).tolist() == [0, 0, 255, 255]
+    # PyTorch's own fake quantization passes its gradient on exactly the same values
+    for probe in (x, ulps):
+        ref = probe.detach().clone().requires_grad_()
+        torch.fake_quantize_per_tensor_affine(ref, float(scale), int(zp), 0, 255).sum().backward()
+        assert torch.equal(probe.grad, ref.grad)
+
+
+def test_int8_act_gradient_at_the_top_of_its_observed_range():
+    """Through the quantizer module: range [0, 6] before any training batch (scale 6/255, not
+    exact, so the probes are a quarter step from the ends, far from any rounding tie)."""
+    act = Int8Act().eval()
+    scale, zp = act.qparams()
+    s = float(scale)
+    assert float(zp) == 0.0
+    top = torch.tensor(6.0)
+    x = torch.stack(
+        [
+            torch.tensor(0.25 * s),  # just above the bottom (0, the zero point): 1
+            torch.tensor(-0.25 * s),  # below 0: the ReLU's zero gradient
+            top - s,
+            torch.nextafter(top, torch.tensor(0.0)),
+            top,  # the top of the range, code 255: still passes the gradient
+            torch.nextafter(top, torch.tensor(7.0)),
+            top + 0.25 * s,
+            top + 0.75 * s,  # rounds past code 255: clamped
+            top + s,
+        ]
+    ).requires_grad_()
+    assert act_codes(x.detach()[2:7], scale, zp).tolist() == [254, 255, 255, 255, 255]
+    act(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
 # ---------------------------------------------------------------- models and config
 def test_any_model_relu_sites_bit_widths_label_fuse_and_back():
     model = quantize_(small_cnn(), {**INT8, "keep_first_last": False})
@@ -215,6 +287,7 @@ def test_bn_freeze_hook_freezes_statistics_for_good():
 
 
 # ---------------------------------------------------------------- a whole run
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_int8_qat_run_learns_freezes_bn_and_round_trips(tmp_path):
     class Spy(Callback):
         def __init__(self) -> None:
@@ -262,6 +335,7 @@ def test_int8_qat_config_composes():
         validate_quant(bad["quant"])
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_resumed_past_the_freeze_equals_uninterrupted(tmp_path, monkeypatch):
     """A run resumed after the freeze epoch is frozen from its first step (observers and BN
     statistics come back from last.pt), so it ends with the uninterrupted run's weights."""

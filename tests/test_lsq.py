@@ -232,6 +232,7 @@ def _steps(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".step")}
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_quantize_learns_the_steps_of_a_zoo_model():
     torch.manual_seed(0)
     model = create_model("resnet20", channels=[8] * 9)
@@ -266,6 +267,7 @@ def test_quantize_learns_the_steps_of_a_zoo_model():
     assert bit_widths(model) == (4, 4) and applied_label(model) == "w4a4l"
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_a_rebuilt_model_keeps_its_steps_and_computes_the_same(tmp_path):
     model, _ = _trained()
     model.eval()

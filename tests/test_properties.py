@@ -84,7 +84,8 @@ def test_dorefa_weights_sit_on_their_symmetric_grid(bits, seed, spread):
     level = (q + 1) / 2 * n  # 0..n
     assert torch.allclose(level, level.round(), atol=1e-4) and level.min() >= -1e-6
     assert level.max() <= n + 1e-4
-    assert level.round().max() == n  # the largest |tanh w| maps to the top of the grid
+    # the largest |tanh w| maps to an end of the grid: the top when it is positive, else 0
+    assert level.round().max() == n or level.round().min() == 0
 
 
 @FAST

@@ -192,6 +192,7 @@ def mean_abs_gamma(path) -> float:
     return torch.cat([g.abs() for g in slimming_scales(model, SHAPE)]).mean().item()
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_sparse_training_lowers_gamma(tmp_path):
     base = tiny_cfg(epochs=2)
     train_task.run(base, tmp_path / "plain")

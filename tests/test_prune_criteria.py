@@ -22,8 +22,12 @@ from compress.prune import (
     IMPORTANCES,
     PruneError,
     agp_schedule,
+    bn_scale_importance,
     build_importance,
     channel_graph,
+    fpgm_importance,
+    l1_importance,
+    l2_importance,
     mask_,
     select_channels,
     taylor_importance,
@@ -172,6 +176,119 @@ def test_a_coupled_group_is_scored_once_averaged_over_its_producers():
     grad = per_sample_mask_gradients(net, [net.bn0, net.bn2], 4, x, y)
     score = taylor_importance(net, graph.groups, [(x, y)])(net, stream)
     assert torch.allclose(score, normalised(grad.abs().mean(0)), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- coupled groups: the mean
+# The documented reduction (importance.py): a coupled group's channel is scored by the mean of
+# its members' scores (|gamma| over its BNs for bn_scale, the filter criteria over its
+# producers). When every channel of a group has the same number of members a sum would only
+# scale the group, which the l1 / l2 / fpgm mean-normaliser hides; bn_scale is compared across
+# groups as is, so a sum would keep a stream's channels over a single-BN layer's. The values
+# below are exact in binary floating point, so the scores are compared with torch.equal.
+STREAM_GAMMAS = {"3.1": [0.5, 0.25, 1.0, 0.125], "4.bn2": [0.25, -0.125, 0.5, -0.375]}
+STREAM_MEAN = [0.375, 0.1875, 0.75, 0.25]  # a sum: 0.75, 0.375, 1.5, 0.5
+SINGLE_GAMMAS = [0.3125, -0.5625, 0.0625, 0.4375]  # 4.bn1, the block's conv1: one BN
+
+
+def resnet9_with_a_stream() -> tuple[nn.Module, object]:
+    """resnet9 at width 2: group 1, the residual stream after the first stage (made by conv
+    3.0 and the block's 4.conv2, scaled by BNs 3.1 and 4.bn2), and group 2, the block's conv1
+    (BN 4.bn1), with STREAM_GAMMAS / SINGLE_GAMMAS; every other BN's gamma is 8 (kept)."""
+    model = create_model("resnet9", width=2)
+    graph = channel_graph(model, SHAPE)
+    stream, single = graph.groups[1], graph.groups[2]
+    assert [b for b, _, _ in stream.bns] == ["3.1", "4.bn2"]
+    assert [p for p, _, _ in stream.producers] == ["3.0", "4.conv2"]
+    assert [b for b, _, _ in single.bns] == ["4.bn1"] and stream.channels == single.channels == 4
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(8.0)
+        for name, gamma in {**STREAM_GAMMAS, "4.bn1": SINGLE_GAMMAS}.items():
+            model.get_submodule(name).weight.copy_(torch.tensor(gamma))
+    return model, graph
+
+
+def test_bn_scale_of_a_stream_is_the_mean_over_its_bns_and_ranks_across_groups():
+    model, graph = resnet9_with_a_stream()
+    stream, single = graph.groups[1], graph.groups[2]
+    for score in (bn_scale_importance, build_importance("bn_scale", model, graph.groups)):
+        assert torch.equal(score(model, stream), torch.tensor(STREAM_MEAN))
+        assert torch.equal(score(model, single), torch.tensor(SINGLE_GAMMAS).abs())
+    # scope=global: the 3 weakest of all channels go. Mean: 4.bn1's 0.0625 and the stream's
+    # 0.1875 and 0.25 (its channels 1, 3); a sum (0.75, 0.375, 1.5, 0.5) would have dropped
+    # 4.bn1's 0.3125 (channel 0) and kept the stream's channel 3
+    total = sum(g.channels for g in graph.groups)
+    # quantile position 2.5 of 0..total-1: the threshold lies between the 3rd and 4th weakest
+    keep = select_channels(graph, percent=2.5 / (total - 1), importance=bn_scale_importance)
+    assert keep[1].tolist() == [0, 2] and keep[2].tolist() == [0, 1, 3]
+    others = [(k, g) for k, g in zip(keep, graph.groups, strict=True) if g.index not in (1, 2)]
+    assert all(k.tolist() == list(range(g.channels)) for k, g in others)
+
+
+def test_filter_criteria_of_a_stream_are_the_mean_over_its_producers():
+    """Each filter of the stream's two producers has one non-zero weight: its L1 and L2 norm
+    are that weight's magnitude, and the distance of two filters the difference of theirs."""
+    model, graph = resnet9_with_a_stream()
+    stream = graph.groups[1]
+    a = torch.tensor([2.0, -0.5, 1.0, 0.25], dtype=torch.float64)  # 3.0's filters
+    b = torch.tensor([1.0, 3.5, -2.0, 0.75], dtype=torch.float64)  # 4.conv2's filters
+    with torch.no_grad():
+        for name, v in (("3.0", a), ("4.conv2", b)):
+            w = model.get_submodule(name).weight
+            w.zero_()
+            w[:, 0, 1, 1] = v.float()
+    norm = (a.abs() + b.abs()) / 2  # a sum: 3, 4, 3, 1 (same ranking: see above)
+    assert norm.tolist() == [1.5, 2.0, 1.5, 0.5]
+    dist = ((a[:, None] - a).abs().sum(1) + (b[:, None] - b).abs().sum(1)) / 2
+    for fn, name, raw in (
+        (l1_importance, "l1", norm),
+        (l2_importance, "l2", norm),
+        (fpgm_importance, "fpgm", dist),
+    ):
+        assert torch.equal(fn(model, stream), raw.float()), name
+        normalised_score = build_importance(name, model, graph.groups)(model, stream)
+        raw32 = raw.float()  # normalised in float32, as the library does: the same roundings
+        assert torch.equal(normalised_score, raw32 / raw32.mean()), name
+
+
+class ThreeBNStream(nn.Module):
+    """stem -> block -> block, both blocks adding into the stream: one group, three BNs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "conv1": nn.Conv2d(4, 6, 3, padding=1, bias=False),
+                    "bn1": nn.BatchNorm2d(6),
+                    "conv2": nn.Conv2d(6, 4, 3, padding=1, bias=False),
+                    "bn2": nn.BatchNorm2d(4),
+                }
+            )
+            for _ in range(2)
+        )
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.bn0(self.stem(x)))
+        for b in self.blocks:
+            s = torch.relu(s + b["bn2"](b["conv2"](torch.relu(b["bn1"](b["conv1"](s))))))
+        return self.fc(s.mean((2, 3)))
+
+
+def test_bn_scale_of_a_three_bn_stream_is_the_mean_of_three():
+    net = ThreeBNStream()
+    graph = channel_graph(net, (3, 8, 8))
+    (stream,) = [g for g in graph.groups if "stem" in g.layers]
+    assert [b for b, _, _ in stream.bns] == ["bn0", "blocks.0.bn2", "blocks.1.bn2"]
+    gammas = [[0.75, 0.25, 1.0, 0.125], [0.5, -0.125, 1.0, 0.125], [0.25, 0.0, -0.25, 0.125]]
+    with torch.no_grad():
+        for (name, _, _), g in zip(stream.bns, gammas, strict=True):
+            net.get_submodule(name).weight.copy_(torch.tensor(g))
+    # the means 0.5, 0.125, 0.75, 0.125 (sums: 1.5, 0.375, 2.25, 0.375; over 2: 0.75, ...)
+    assert torch.equal(bn_scale_importance(net, stream), torch.tensor([0.5, 0.125, 0.75, 0.125]))
 
 
 # ---------------------------------------------------------------- every criterion, zoo models

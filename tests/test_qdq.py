@@ -290,6 +290,7 @@ def _train_qat(tmp_path, arch: str, quant: dict, name: str, channels: list[int],
     return ckpt
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 @pytest.mark.parametrize(
     ("arch", "quant", "name", "channels", "integer", "requantized", "epochs"),
     [
@@ -335,6 +336,7 @@ def test_export_writes_the_integer_model_of_a_qat_run(
     assert m["int8"] is False and m["top1_agreement"] >= 99.0
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_openvino_runs_the_integer_model_in_int8(entry, tmp_path):
     pytest.importorskip("openvino")
     ckpt = _train_qat(tmp_path, "nin", W4A4P, "w4a4p", [16] * 8)
@@ -351,6 +353,7 @@ def test_openvino_runs_the_integer_model_in_int8(entry, tmp_path):
     assert "OpenVINO conv / linear layers by precision: f32 2, int8 7" in out
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_ncnn_runs_the_integer_convs_in_int8(entry, tmp_path):
     pytest.importorskip("ncnn")
     pytest.importorskip("pnnx")
@@ -367,6 +370,7 @@ def test_ncnn_runs_the_integer_convs_in_int8(entry, tmp_path):
     assert "int8 ncnn (pnnx)" in out and "ncnn int8 layers: 7" in out
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_binary_checkpoint_exports_both_ways(entry, tmp_path):
     """wbab (bacp): the integer model, and the float graph (the sign through `where`)."""
     ckpt = _train_qat(tmp_path, "nin", WBAB, "wbab", [16] * 8)

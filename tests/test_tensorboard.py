@@ -85,6 +85,7 @@ def test_a_train_run_logs_its_hparams_and_final_metrics(tmp_path):
     assert not [p for p in (tmp_path / "tb").iterdir() if p.is_dir()]  # no run subfolder
 
 
+@pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_a_pruned_distilled_finetune_logs_its_pruner_and_teacher(tmp_path):
     base = tmp_path / "base"
     train_task.run({**tiny_cfg(epochs=1), "sparsity": {"enabled": True, "s": 1e-3}}, base)
