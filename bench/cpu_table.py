@@ -15,7 +15,7 @@ when its metrics.json exists, so the table resumes row by row; a failing step is
 says so, never an omission. The table (`--table`, default bench/results/cifar10_resnet20_cpu
 .md and .csv) is rewritten after every row from the runs' own metrics.json, with the machine,
 date, commit and commands. `--tiny`: synthetic data, a 4-channel ResNet-20, one epoch and four
-rows: the check that the script runs (tests/test_cpu_table.py).
+rows (about 4 minutes on 2 cores): the check that the script runs (tests/test_cpu_table.py).
 """
 
 from __future__ import annotations
