@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+# submitit configures logging when it is imported (logging.config.dictConfig with handlers on
+# the sys.stdout / sys.stderr of that moment): imported inside a test, as the SLURM launcher's
+# plugin is, it closes pytest's own logging handlers and binds submitit's to that test's
+# captured streams, and a later test that logs through submitit crashes the whole session
+# ("I/O operation on closed file", "lost sys.stderr"). Its loggers still propagate to root.
+os.environ.setdefault("SUBMITIT_LOG_LEVEL", "NOCONFIG")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
