@@ -208,21 +208,21 @@ W4A4L_SIGNED = {**W4A4L, "act": {**W4A4L["act"], "signed": True}}
 
 
 @pytest.mark.parametrize(
-    ("arch", "quant", "order", "tol"),
+    ("arch", "quant", "order", "tol", "rel"),
     [
-        ("nin", WBAB, "bacp", 1e-3),  # binary: exact up to fp32 sums (floor-rounded biases)
-        ("nin", WBAB, "cbap", 1e-3),
-        ("nin", WTAT, "cbap", 1e-3),
-        ("nin_gc", W4A4P, "cbap", None),
-        ("nin", W2A2, "cbap", None),
-        ("nin", INT8, "cbap", None),
-        ("resnet20", W4A4P, "cbap", None),
-        ("nin", W4A4L, "cbap", 1e-6),  # LSQ: the codes are the fake quant's, exactly
-        ("nin", W8A8L, "cbap", None),
-        ("resnet20", W4A4L, "cbap", None),
+        ("nin", WBAB, "bacp", 1e-3, 0.075),  # binary: exact up to fp32 sums (floor-rounded biases)
+        ("nin", WBAB, "cbap", 1e-3, 0.075),
+        ("nin", WTAT, "cbap", 1e-3, 0.075),
+        ("nin_gc", W4A4P, "cbap", None, 0.075),
+        ("nin", W2A2, "cbap", None, 0.075),
+        ("nin", INT8, "cbap", None, 0.075),
+        ("resnet20", W4A4P, "cbap", None, 0.075),  # 0.047; zeroed biases 0.093
+        ("nin", W4A4L, "cbap", 1e-6, 0.075),  # LSQ: the codes are the fake quant's, exactly
+        ("nin", W8A8L, "cbap", None, 0.075),
+        ("resnet20", W4A4L, "cbap", None, 0.15),  # 1 thread: 0.077 (2: 0.062); zeroed biases 0.43
     ],
 )
-def test_qdq_model_computes_the_fake_quant_model(arch, quant, order, tol):
+def test_qdq_model_computes_the_fake_quant_model(arch, quant, order, tol, rel):
     model = _model(arch, quant, order)
     qdq, report = to_qdq(model)
     assert report.integer_layers and not report.bn_kept
@@ -238,8 +238,9 @@ def test_qdq_model_computes_the_fake_quant_model(arch, quant, order, tol):
     got = check_exact(model, qdq, torch.randn(64, 3, 32, 32))
     # k-bit: the int32 bias (step in_scale * weight_scale) moves a level now and then, and an
     # untrained net amplifies it; the trained model below agrees on >= 99%. The logits stay
-    # within 7.5% of their spread (zeroed int32 biases: 9-55%)
-    assert got["top1_agreement"] >= 95.0 and got["rel_diff"] < 0.075
+    # within `rel` of their spread, measured between the noise (its float sums, 1 or 2 threads)
+    # and the error of zeroed int32 biases (9-55% of the spread, tests/test_qdq.py's cases)
+    assert got["top1_agreement"] >= 95.0 and got["rel_diff"] < rel
     if tol is not None:
         assert got["max_abs_diff"] < tol
     # the original model is untouched

@@ -165,7 +165,7 @@ def test_isas_agree_on_large_kernel():
 
 def test_rejects_mismatched_groups():
     x, w, _, _ = _case(64, 32, 3, 2, 1, 5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^groups=2 but the weight was packed for 1$"):
         xnor.xnor_conv2d(x, xnor.pack_weight(w, 1), groups=2)
 
 
@@ -257,7 +257,7 @@ def test_rejects_non_binary():
     from compress.quant.quantizers import TernaryWeight
 
     q = QConv2d.from_float(torch.nn.Conv2d(8, 8, 3), TernaryWeight())
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="needs a QConv2d with a BinaryWeight quantizer"):
         xnor.XnorConv2d.from_qconv(q)
 
 
