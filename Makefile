@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 DATA    ?= $(or $(COMPRESS_DATA_DIR),data)
 SHARED  := ../shared/data/cifar10/unpack.py
 
-.PHONY: demo test test-slow test-all lint bench data clean
+.PHONY: demo test test-slow test-all mutation lint bench data clean
 
 .venv/.ready: pyproject.toml
 	test -d .venv || python3 -m venv .venv
@@ -32,6 +32,9 @@ test-slow: .venv/.ready   # subprocess smoke tests of the entry points, torch.co
 
 test-all: .venv/.ready
 	$(PY) -m pytest
+
+mutation: .venv/.ready   # cosmic-ray over the core modules (tests/mutation/), report in docs/mutation.md
+	$(PY) -m tests.mutation.run $(ARGS)
 
 lint: .venv/.ready
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

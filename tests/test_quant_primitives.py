@@ -164,6 +164,42 @@ def test_pact_gradients_do_not_depend_on_memory_layout(memory_format):
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("x_format", "g_format"),
+    [
+        (torch.channels_last, torch.contiguous_format),
+        (torch.contiguous_format, torch.channels_last),
+    ],
+)
+def test_pact_clip_gradient_with_input_and_gradient_in_different_layouts(x_format, g_format):
+    """The clip's gradient dots two tensors as flat memory only when their layouts agree."""
+    torch.manual_seed(0)
+    x, g = torch.randn(4, 6, 5, 5) * 3, torch.randn(4, 6, 5, 5)
+    ref = torch.tensor(2.0, requires_grad=True)
+    P.pact_act(x.clone().requires_grad_(), ref, 3).backward(g)
+    alpha = torch.tensor(2.0, requires_grad=True)
+    t = x.contiguous(memory_format=x_format).requires_grad_()
+    P.pact_act(t, alpha, 3).backward(g.contiguous(memory_format=g_format))
+    assert torch.allclose(alpha.grad, ref.grad, rtol=1e-5)  # a wrong pairing: tens of percent
+
+
+def test_a_gradient_mode_read_from_a_config_is_the_literal_one():
+    """Modes come from YAML as strings built at run time, not interned literals."""
+    x = torch.linspace(-2, 2, 41)
+    grads = []
+    for mode in (
+        "saturate_ste",
+        "".join(["saturate", "_ste"]),
+        "soft_ste",
+        "_".join(["soft", "ste"]),
+    ):
+        t = x.clone().requires_grad_()
+        P.binary_act(t, grad=mode).sum().backward()
+        grads.append(t.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[2], grads[3])
+    assert torch.equal(grads[0], expected_grad(x, "saturate_ste", -1.0, 1.0, 2.0))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_pact_low_precision_gradients_match_fp64(dtype):
     """Under autocast dtypes the rounding-error sum must not drown in rounding: compare with
