@@ -275,3 +275,14 @@ def test_ignored_options_of_other_kinds_stay_ignored():
     the rest."""
     C.validate_run({"quant": {"weight": {"kind": "fp32", "bits": 1}}})
     C.validate_run({"quant": {"act": {"kind": "dorefa", "bits": 4, "clip_init": -1}}})
+
+
+def test_the_defaults_of_the_papers():
+    """Defaults a user relies on without setting them: the seed's step schedule (He et al.'s
+    epochs 100 and 150 of 200, x0.1) and network slimming's L1 penalty 1e-4 (Liu et al.)."""
+    from compress.config import ScheduleConfig, SparsityConfig
+
+    sched = ScheduleConfig()
+    assert (sched.epochs, sched.milestones, sched.gamma) == (200, [100, 150], 0.1)
+    assert (sched.lr, sched.momentum, sched.weight_decay) == (0.1, 0.9, 5e-4)
+    assert SparsityConfig().s == 1e-4 and not SparsityConfig().enabled

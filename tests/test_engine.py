@@ -58,6 +58,8 @@ def test_lr_schedules():
     one = TrainConfig(epochs=4, lr_schedule="onecycle")
     assert lr_factor(one, 0, 10) == pytest.approx(0.04) and lr_factor(one, 10, 10) == 1.0
     assert lr_factor(one, 40, 10) == pytest.approx(0.0)
+    assert lr_factor(one, 5, 10) == pytest.approx(0.04 + 0.96 * 0.5)  # linear warmup
+    assert lr_factor(one, 25, 10) == pytest.approx(0.5)  # cosine half way after the warmup
     warm = TrainConfig(epochs=10, lr_schedule="cosine", warmup_epochs=1)
     assert lr_factor(warm, 4, 10) == pytest.approx(0.5)
     assert math.isclose(lr_factor(warm, 10, 10), 1.0)

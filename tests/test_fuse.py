@@ -127,8 +127,8 @@ def test_bn_after_max_pool_with_negative_gamma_is_kept_and_reported(caplog):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("act", ["dorefa", "pact"])
-def test_fused_structure_rebuilds_for_loading(act):
+@pytest.mark.parametrize("act", ["dorefa", "pact", "binary"])  # binary: "bias" folds, float and
+def test_fused_structure_rebuilds_for_loading(act):  # ternary layers before a sign
     torch.manual_seed(0)
     model = randomize_bn_(create_model("resnet20"))
     quantize_(model, {"weight": {"kind": "ternary"}, "act": {"kind": act, "bits": 4}})
@@ -151,3 +151,55 @@ def test_fused_structure_rebuilds_for_loading(act):
 def test_plan_reports_a_bn_without_conv():
     model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)).eval()
     assert "0" in plan_fusion(model).skipped
+
+
+class _SharedPool(nn.Module):
+    """conv -> max pool, the pooled tensor read by a BN and by a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2)
+        self.bn, self.head = nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pool(self.conv(x))
+        return self.head((torch.relu(self.bn(p)) + p).mean((2, 3)))
+
+
+class _DeadBranch(nn.Module):
+    """A conv -> BN whose output nothing reads (a node without users in the trace)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.side, self.side_bn = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.side_bn(self.side(x))  # computed, never used
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_a_bn_behind_a_pool_that_another_layer_also_reads_stays():
+    """Folding it into the conv would change what the residual add reads."""
+    model = randomize_bn_(_SharedPool()).eval()
+    with torch.no_grad():  # positive scales: a max pool alone would not stop the fold
+        model.bn.weight.abs_().add_(0.1)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    plan = fuse_bn_(model)
+    assert not plan.folds and count_bn(model) == 1 and "bn" in plan.skipped
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_a_bn_nothing_reads_does_not_stop_the_fusion():
+    model = randomize_bn_(_DeadBranch()).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+    plan = fuse_bn_(model)
+    assert {(f.conv, f.bn) for f in plan.folds} >= {("conv", "bn")}
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-5)

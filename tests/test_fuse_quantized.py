@@ -223,3 +223,16 @@ def test_a_bn_chain_folds_in_turns_and_a_bn_without_statistics_stays(exact):
     assert [(f.conv, f.bn) for f in plan.folds] == [("0", "1"), ("0", "2")]
     assert plan.skipped == {"5": "no running statistics (track_running_stats=False)"}
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [{"kind": "lsq", "bits": 4}, {"kind": "ternary"}, DOREFA])
+def test_only_int8_weights_take_the_bn_into_their_latent_weight(weight):
+    """LSQ's learned step is not scaled with its weight (Q(s w) != s Q(w)): with float
+    activations its BN becomes an OutputScale, not a latent fold; so do the other kinds."""
+    model = quantized_model("resnet20", weight, {"kind": "fp32"})
+    x = torch.randn(16, 3, 32, 32)
+    fused = copy.deepcopy(model)
+    plan = fuse_bn_(fused, exact=True)
+    assert "latent" not in {f.mode for f in plan.folds} and count_bn(fused) == 0
+    with torch.no_grad():
+        assert_same_logits(fused(x), model(x))

@@ -17,7 +17,6 @@ from compress.fuse import plan_fusion
 from compress.models import create_model
 from compress.quant import QConv2d, applied_label, bit_widths, quant_label, quantize_, to_float
 from compress.quant.int8 import (
-    MOMENTUM,
     Int8Act,
     Int8Weight,
     act_codes,
@@ -133,7 +132,8 @@ def test_ema_observer_updates_in_training_only():
     act(torch.full((10,), 2.0))
     assert bool(act.initialized) and float(act.max_val) == 2.0  # the first batch sets it
     act(torch.full((10,), 4.0))
-    assert float(act.max_val) == pytest.approx(2.0 * (1 - MOMENTUM) + 4.0 * MOMENTUM)
+    # PyTorch's MovingAverageMinMaxObserver's averaging constant, 0.01
+    assert float(act.max_val) == pytest.approx(2.0 * 0.99 + 4.0 * 0.01)
     frozen = act.max_val.clone(), act.min_val.clone()
     act.eval()
     y = act(torch.full((10,), 100.0))

@@ -365,3 +365,16 @@ def test_lsq_labels():
         quant_label({"weight": {"kind": "dorefa", "bits": 4}, "act": {"kind": "pact", "bits": 4}})
         == "w4a4p"
     )
+
+
+def test_codes_are_the_integers_the_forward_multiplies_by_the_step():
+    """What packing and integer export store: round(clamp(w / s, -Q_N, Q_P)) per channel."""
+    torch.manual_seed(0)
+    q = LSQWeight(4)
+    w = torch.randn(6, 3, 3, 3)
+    q.attach_(w)
+    codes = q.codes(w)
+    s = q.step.detach().view(-1, 1, 1, 1)
+    assert torch.equal(codes, torch.clamp(w / s, -8, 7).round())
+    assert codes.min() >= -8 and codes.max() <= 7 and torch.equal(codes, codes.round())
+    assert torch.allclose(codes * s, q(w).detach(), atol=1e-6)

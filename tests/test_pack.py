@@ -371,3 +371,43 @@ def test_pack_py_refuses_a_damaged_packed_file_in_one_line(entry, tmp_path, monk
         f"error: {packed} is a 'compress-packed/1' file, not a 'compress/1' checkpoint "
         "(pack.py's packed file: pass the checkpoint pack.py read)"
     )
+
+
+class _OffScale(nn.Module):
+    """A scaled sign quantizer whose scale is the channel mean of |w| times (1 + 2^-20): the
+    stored scale is then not what the original total gives, so the latent total must be
+    searched for (a few float32 steps below the first guess)."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        flat = w.reshape(w.shape[0], -1)
+        count = (flat != 0).sum(1).clamp_min(1)
+        scale = flat.abs().sum(1) / count * (1 + 2**-20)
+        return (torch.sign(flat) * scale[:, None]).reshape(w.shape)
+
+
+def test_latent_weights_are_found_when_the_first_guess_misses():
+    torch.manual_seed(0)
+    quant = _OffScale()
+    target = quant(torch.randn(16, 8, 3, 3))
+    w = pack._fit_scaled(quant, target)
+    assert torch.equal(quant(w), target)  # every channel, to the bit
+    assert torch.equal(torch.sign(w), torch.sign(target))
+
+
+def test_payload_bytes_add_codes_scales_and_floats():
+    torch.manual_seed(0)
+    model = create_model("resnet20", channels=[8] * 9)
+    quantize_(model, {"weight": {"kind": "ternary"}, "act": {"kind": "dorefa", "bits": 2}})
+    state = pack.pack_model(model)
+    sizes = pack.payload_bytes(state)
+    packed = state["packed"].values()
+    codes = sum(e["codes"].numel() for e in packed)  # uint8 codes: one byte each
+    scales = 4 * sum(e["scale"].numel() for e in packed)  # ternary: fp32 scale per channel
+    floats = sum(v.numel() * v.element_size() for v in state["float"].values())
+    assert scales > 0 and codes > 0 and floats > 0
+    assert sizes == {
+        "codes": codes,
+        "scales": scales,
+        "float": floats,
+        "total": codes + scales + floats,
+    }

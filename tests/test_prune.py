@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -382,3 +383,90 @@ def test_a_layer_called_twice_keeps_its_channels():
     # its inputs and outputs are frozen (both calls need one width), which here leaves nothing
     with pytest.raises(PruneError, match="SharedConv has no prunable channels"):
         channel_graph(randomize_bn_(SharedConv()), SHAPE)
+
+
+class _ShuffleHead(nn.Module):
+    """A grouped conv, a channel shuffle (12 channels, 3 groups: the positions are not a
+    bitwise pattern), a depthwise conv with a multiplier (kept whole), and a flatten into a
+    linear head: what the channel graph must follow channel by channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.conv2, self.bn2 = nn.Conv2d(12, 12, 1, groups=3), nn.BatchNorm2d(12)
+        self.shuffle = nn.ChannelShuffle(3)
+        self.conv3, self.bn3 = nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.mult, self.bn4 = nn.Conv2d(12, 24, 3, padding=1, groups=12), nn.BatchNorm2d(24)
+        self.pool, self.flat, self.head = nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(96, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.shuffle(torch.relu(self.bn2(self.conv2(x))))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.head(self.flat(self.pool(torch.relu(self.bn4(self.mult(x))))))
+
+
+def _masked(model: nn.Module, graph, keep) -> nn.Module:
+    """`model` with every dropped channel's BN scale and shift zeroed: after the ReLU those
+    channels are 0, which is what removing them computes."""
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for g, k in zip(graph.groups, keep, strict=True):
+            for bn, channels, classes in g.bns:
+                drop = channels[~torch.isin(classes, k)]
+                m = masked.get_submodule(bn)
+                m.weight[drop], m.bias[drop] = 0.0, 0.0
+    return masked
+
+
+def test_thinning_through_shuffles_multipliers_and_flattens_equals_masking():
+    torch.manual_seed(0)
+    model = randomize_bn_(_ShuffleHead()).eval()
+    graph = channel_graph(model, (3, 8, 8))
+    keep = select_channels(graph, "gc", 0.5)
+    small = thin(model, keep, (3, 8, 8)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(small(x), _masked(model, graph, keep)(x), atol=1e-5)
+    assert small.conv1.out_channels < 12  # pruned; what feeds the multiplier is kept whole
+    assert (small.conv3.out_channels, small.mult.in_channels, small.mult.out_channels) == (
+        12,
+        12,
+        24,
+    )
+    assert small.head.in_features == 96
+
+
+@pytest.mark.parametrize(("channels", "groups"), [(12, 3), (12, 4), (8, 2), (30, 5)])
+def test_the_graph_moves_channels_as_channel_shuffle_does(channels, groups):
+    from compress.prune.graph import _shuffle
+
+    x = torch.arange(channels, dtype=torch.float32).view(1, channels, 1, 1)
+    moved = nn.ChannelShuffle(groups)(x).flatten().long().tolist()
+    assert _shuffle(list(range(channels)), groups) == moved
+
+
+def test_nothing_is_removed_at_zero_percent():
+    model = randomize_bn_(create_model("vgg_small"))
+    graph = channel_graph(model, SHAPE)
+    keep = select_channels(graph, "normal", 0.0)
+    assert [len(k) for k in keep] == [g.channels for g in graph.groups]
+
+
+def test_grouped_pruning_keeps_about_the_asked_share_of_each_group():
+    """nin_gc's groups split into cells that keep equal counts: a quarter removed leaves
+    about three quarters of every group, rounded to a multiple of its cell count."""
+    model = randomize_bn_(create_model("nin_gc"))
+    graph = channel_graph(model, SHAPE)
+    keep = select_channels(graph, "gc", 0.25, scope="layer")
+    for g, k in zip(graph.groups, keep, strict=True):
+        step = len(g.cells)
+        assert len(k) % step == 0 and abs(len(k) - 0.75 * g.channels) <= step, (g.layers, len(k))
+
+
+def test_masking_with_a_keep_list_for_other_groups_is_refused():
+    model = randomize_bn_(create_model("vgg_small"))
+    graph = channel_graph(model, SHAPE)
+    keep = select_channels(graph, "normal", 0.5)
+    with pytest.raises(ValueError, match="zip"):
+        mask_(graph, keep[:-1])

@@ -566,3 +566,29 @@ def test_one_step_prune_stage_is_unchanged(tmp_path):
     )
     assert summary["stages"][1]["importance"] == "bn_scale"
     assert not list((tmp_path / "01_prune").glob("*_step*"))
+
+
+def test_bn_scale_importance_averages_over_the_bns_and_scores_an_unscaled_channel_zero():
+    from compress.prune.group import Group
+    from compress.prune.importance import bn_scale_importance
+
+    model = nn.ModuleDict({"a": nn.BatchNorm2d(3), "b": nn.BatchNorm2d(2)})
+    with torch.no_grad():
+        model["a"].weight.copy_(torch.tensor([1.0, -2.0, 4.0]))
+        model["b"].weight.copy_(torch.tensor([3.0, 6.0]))
+    # classes 0-2 scaled by a (channels 0-2), classes 0 and 1 also by b; class 3 by none
+    group = Group(0, ["conv"], [10, 11, 12, 13], [torch.arange(4)])
+    group.bns = [("a", torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))]
+    group.bns.append(("b", torch.tensor([0, 1]), torch.tensor([0, 1])))
+    scores = bn_scale_importance(model, group)
+    assert scores.tolist() == [2.0, 4.0, 4.0, 0.0]
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 5), (4, 6, 3, 5)])
+def test_taylor_products_are_summed_per_channel_for_any_rank(shape):
+    """BN1d after a linear layer (N, C), over a sequence (N, C, L), BN2d (N, C, H, W)."""
+    from compress.prune.importance import _per_channel
+
+    t = torch.randn(*shape)
+    expected = t.reshape(4, 6, -1).sum(2)
+    assert torch.allclose(_per_channel(t), expected)

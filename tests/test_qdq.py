@@ -529,3 +529,37 @@ def test_int8_needs_the_dynamo_exporter(entry, tmp_path):
     assert m["int8"] is False and "dynamo" in m["int8_skipped"]
     code, _, err = entry("export.py", f"ckpt={ckpt}", "int8=0", run_dir=tmp_path / "c")
     assert code != 0 and "int8=0 is invalid: expected auto, true or false" in err
+
+
+def test_observed_ranges_of_inputs_and_outputs_and_no_hook_left_behind():
+    from compress.deploy.qdq import observe_ranges
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    batches = [torch.randn(5, 4) * 3, torch.randn(7, 4)]
+    with torch.no_grad():
+        pre = torch.cat([model[0](b) for b in batches])
+    outs, n = observe_ranges(model, ["1"], batches, where="output")
+    ins, m = observe_ranges(model, ["1"], batches, where="input")
+    assert n == m == 12
+    assert torch.equal(torch.stack(ins["1"]), torch.stack(torch.aminmax(pre)))  # before the ReLU
+    assert torch.equal(torch.stack(outs["1"]), torch.stack(torch.aminmax(pre.clamp_min(0))))
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
+    with pytest.raises(QDQError, match="calibration of the requantized layers got no batches"):
+        observe_ranges(model, ["1"], [])
+
+
+def test_check_exact_reports_the_difference_against_the_logit_spread():
+    class Const(nn.Module):
+        def __init__(self, logits: list[list[float]]) -> None:
+            super().__init__()
+            self.logits = torch.tensor(logits)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.logits
+
+    a = Const([[0.0, 4.0, 1.0], [2.0, 0.0, 0.0]])  # spreads 4 and 2: mean 3
+    b = Const([[0.0, 4.0, 1.6], [0.0, 1.0, 0.0]])  # the second row's top-1 moves
+    got = check_exact(a, b, torch.zeros(2, 1))
+    assert got["max_abs_diff"] == pytest.approx(2.0)
+    assert got["rel_diff"] == pytest.approx(2.0 / 3.0)
+    assert got["top1_agreement"] == 50.0

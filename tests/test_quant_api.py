@@ -15,6 +15,7 @@ from compress.metrics import size_bytes
 from compress.models import create_model
 from compress.models.blocks import Activation
 from compress.quant import QConv2d, QLinear, bit_widths, quant_label, quantize_, to_float
+from compress.quant.api import execution_order, is_quantized
 from compress.quant.quantizers import BinaryAct, DoReFaAct
 
 KINDS = {
@@ -25,6 +26,53 @@ KINDS = {
     "ternary": {"kind": "ternary"},
     "binary": {"kind": "binary"},
 }
+
+
+def _runtime(s: str) -> str:
+    """The same characters as a new string, as YAML hands them over (not an interned literal)."""
+    return "".join(list(s))
+
+
+def test_labels_of_mixed_kinds_name_each_part():
+    """No two settings share a label: a mixed pair is never taken for int8_qat or w*a*l."""
+    lsq4, int8 = {"kind": "lsq", "bits": 4}, {"kind": "int8"}
+    assert quant_label({"weight": lsq4, "act": int8}) == "w4lai8"
+    assert quant_label({"weight": {"kind": "ternary"}, "act": lsq4}) == "wta4l"
+    assert quant_label({"weight": int8, "act": lsq4}) == "wi8a4l"
+    fp32 = {"weight": {"kind": _runtime("fp32")}, "act": {"kind": _runtime("fp32")}}
+    assert quant_label(fp32) == "fp32" and not is_quantized(fp32)
+
+
+@pytest.mark.parametrize(
+    ("layers", "shown"),
+    [(2, "0, 1)"), (6, "0, 1, 2, 3, 4, 5)"), (7, "0, 1, 2, 3, 4, 5, ...)")],
+)
+def test_a_misspelt_kept_layer_lists_the_first_six(layers, shown):
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)])
+    msg = "quant.keep: the model has no conv or linear layer named 'nope' (its layers: " + shown
+    with pytest.raises(ConfigError) as e:
+        quantize_(model, {"weight": {"kind": "dorefa", "bits": 4}, "keep": ["nope"]})
+    assert str(e.value) == msg
+
+
+def test_an_untraceable_model_is_named_with_the_first_line_of_the_reason(caplog):
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            if isinstance(x, torch.fx.Proxy):
+                raise RuntimeError("no tracing here\nsecond line\nthird line")
+            return self.b(self.a(x))
+
+    with caplog.at_level("WARNING", logger="compress.quant.api"):
+        assert execution_order(Untraceable(), ["b", "a"]) == ["b", "a"]
+    (line,) = [r.getMessage() for r in caplog.records if "cannot trace" in r.getMessage()]
+    assert line == (
+        "quant: cannot trace Untraceable (no tracing here); "
+        "first / last layers taken in registration order"
+    )
 
 
 def test_qconv_with_fp32_settings_equals_conv_exactly():

@@ -36,7 +36,8 @@ def _value_and_grad(q: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize(("direct", "cfg"), WEIGHTS + ACTS, ids=lambda v: str(v))
 def test_built_directly_or_from_a_config_with_only_its_kind_is_the_same(direct, cfg):
     build = Q.weight_quantizer if any(cfg is c for _, c in WEIGHTS) else Q.act_quantizer
-    a, b = direct(), build(cfg)
+    # the kind as YAML hands it over: a new string, not an interned literal
+    a, b = direct(), build({**cfg, "kind": "".join(list(cfg["kind"]))})
     assert type(a) is type(b) and repr(a) == repr(b)
     torch.manual_seed(0)
     x = torch.randn(4, 3, 3, 3) * 2
@@ -77,3 +78,21 @@ def test_a_thinned_lsq_weight_refuses_a_wider_weight_in_one_line():
     assert q.step.shape == (3,)
     with pytest.raises(RuntimeError, match="LSQ weight step has 3 channels but the weight 8"):
         q(torch.randn(8, 4, 3, 3))
+
+
+def test_storage_widths_and_reprs():
+    """`bits` is the storage width bit_widths and the packed files report."""
+    widths = [Q.TernaryWeight(), Q.TernaryAct(), Q.BinaryWeight(), Q.BinaryAct(), Q.LSQWeight(3)]
+    assert [q.bits for q in widths] == [2, 2, 1, 1, 3]
+    assert repr(Q.LSQWeight(4)) == "LSQWeight(bits=4, codes=[-8, 7], channels=0)"
+    assert repr(Q.LSQAct(4, signed=True)) == "LSQAct(bits=4, signed=True, step=1)"
+
+
+def test_lsq_weight_of_a_layer_with_one_output_channel():
+    """The step gradient's scale counts the elements of one output channel."""
+    w = torch.randn(1, 16, requires_grad=True)
+    q = Q.LSQWeight(4)
+    y = q(w)
+    assert q.step.shape == (1,) and (y.detach() / q.step.detach()).round().abs().max() <= 8
+    y.sum().backward()
+    assert q.step.grad is not None and torch.isfinite(q.step.grad).all()

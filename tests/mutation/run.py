@@ -285,11 +285,14 @@ def changed_lines(diff: str) -> tuple[str, str]:
     return lines("-"), lines("+")
 
 
-def equivalence(plan: Plan, module: str, diff: str) -> str | None:
-    """The reason a surviving mutant is equivalent, when equivalent.toml lists it."""
+def equivalence(plan: Plan, module: str, diff: str, line: int | None = None) -> str | None:
+    """The reason a surviving mutant is equivalent, when equivalent.toml lists it (by its
+    changed lines, and by its line number where the same change occurs more than once)."""
     before, after = changed_lines(diff)
     for e in plan.equivalent:
-        if e["module"] == module and e["before"].strip() == before and e["after"].strip() == after:
+        if e["module"] != module or e["before"].strip() != before or e["after"].strip() != after:
+            continue
+        if "line" not in e or e["line"] == line:
             return e["reason"]
     return None
 
@@ -299,7 +302,7 @@ def score(plan: Plan, module: Module, results: list[dict]) -> dict:
     survivors = []
     for r in results:
         outcome = r["outcome"]
-        if outcome == SURVIVED and equivalence(plan, module.path, r["diff"]):
+        if outcome == SURVIVED and equivalence(plan, module.path, r["diff"], r.get("line")):
             outcome = "equivalent"
         elif outcome == SURVIVED:
             survivors.append(r)
@@ -351,7 +354,7 @@ def write_report(
                 f"```diff\n{_short_diff(r['diff'])}\n```\n"
             )
         for r in mine:
-            reason = r["outcome"] == SURVIVED and equivalence(plan, m.path, r["diff"])
+            reason = r["outcome"] == SURVIVED and equivalence(plan, m.path, r["diff"], r["line"])
             if reason:
                 before, after = changed_lines(r["diff"])
                 equivalents.append(
@@ -360,12 +363,15 @@ def write_report(
     text = [
         "# Mutation testing",
         "",
-        "Does the suite notice a planted bug? `make mutation` (tests/mutation/run.py, with",
-        "cosmic-ray's operators) applies a seeded sample of the mutants of each core module, one",
-        "at a time, to a copy of the repository and runs that module's test files",
-        "(tests/mutation/modules.toml) against it. Killed: a test failed or the tests ran past the",
-        "timeout; survived: they all passed; equivalent: a survivor no test can tell from the",
-        "original, listed with the reason in tests/mutation/equivalent.toml. Mutants inside type",
+        "[README](../README.md) > mutation testing.",
+        "",
+        "Does the suite notice a planted bug? `make mutation` ([run.py](../tests/mutation/run.py),",
+        "with cosmic-ray's operators) applies a seeded sample of the mutants of each core module,",
+        "one at a time, to a copy of the repository and runs that module's test files",
+        "([modules.toml](../tests/mutation/modules.toml)) against it. Killed: a test failed or the",
+        "tests ran past the timeout; survived: they all passed; equivalent: a survivor no test can",
+        "tell from the original, listed with the reason in",
+        "[equivalent.toml](../tests/mutation/equivalent.toml). Mutants inside type",
         "annotations that are never evaluated (`from __future__ import annotations`) are left out.",
         "Score = killed / (killed + survived);",
         "the goal is 85% in every module.",
@@ -429,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--sample", type=int, help="mutants per module (default: modules.toml)")
     ap.add_argument(
-        "--rerun-survivors", action="store_true", help="test the survivors again (after new tests)"
+        "--rerun-survivors",
+        action="store_true",
+        help="test the survivors again (after new tests; not the listed equivalent ones)",
     )
     ap.add_argument("--report", action="store_true", help="only rewrite docs/mutation.md")
     ap.add_argument(
@@ -457,7 +465,29 @@ def main(argv: list[str] | None = None) -> int:
         return try_mutants(plan, args.keys)
 
     WORK.mkdir(exist_ok=True)
-    copies = [make_copy(WORK / f"w{i}") for i in range(args.workers)]
+    # copies of this process's own: a second run (other modules) may go on beside it
+    copies = [make_copy(WORK / f"{os.getpid()}-w{i}") for i in range(args.workers)]
+    try:
+        return _run(plan, modules, args, copies, results_file, totals, totals_file)
+    finally:
+        for c in copies:
+            shutil.rmtree(c, ignore_errors=True)
+
+
+def _open_survivor(plan: Plan, r: dict) -> bool:
+    """A survivor that equivalent.toml does not explain: worth testing again."""
+    return r["outcome"] == SURVIVED and not equivalence(plan, r["module"], r["diff"], r["line"])
+
+
+def _run(
+    plan: Plan,
+    modules: list[Module],
+    args: argparse.Namespace,
+    copies: list[Path],
+    results_file: Path,
+    totals: dict[str, int],
+    totals_file: Path,
+) -> int:
     done = load_results(results_file)
     queue = multiprocessing.get_context("spawn").Queue()
     for c in copies:
@@ -471,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in modules:
             h = source_hash(ROOT / m.path)
             mutants = all_mutants(ROOT, m.path)
+            if totals_file.exists():  # another run beside this one may have added modules
+                totals.update(json.loads(totals_file.read_text()))
             totals[m.path] = len(mutants)
             totals_file.write_text(json.dumps(totals, indent=1, sort_keys=True) + "\n")
             chosen = sample(mutants, args.sample or m.sample, plan.seed)
@@ -478,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                 mu
                 for mu in chosen
                 if (h, mu.key) not in done
-                or (args.rerun_survivors and done[(h, mu.key)]["outcome"] == SURVIVED)
+                or (args.rerun_survivors and _open_survivor(plan, done[(h, mu.key)]))
             ]
             if not todo:
                 print(
