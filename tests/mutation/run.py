@@ -24,7 +24,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -209,13 +208,9 @@ def make_copy(dest: Path) -> Path:
 
 
 # ---------------------------------------------------------------- the workers
-_copy: Path | None = None
-
-
 def _init_worker(copies: multiprocessing.Queue) -> None:
-    global _copy
-    _copy = Path(copies.get())
-    os.chdir(_copy)
+    """Each worker process works in a copy of its own, taken from the queue."""
+    os.chdir(copies.get())
     os.environ.update(test_env())
 
 
@@ -299,13 +294,16 @@ def equivalence(plan: Plan, module: str, diff: str, line: int | None = None) -> 
 
 def score(plan: Plan, module: Module, results: list[dict]) -> dict:
     counts = {KILLED: 0, TIMEOUT: 0, SURVIVED: 0, INCOMPETENT: 0, "equivalent": 0, "no-test": 0}
-    survivors = []
+    survivors, equivalents = [], []  # equivalents: (result, reason)
     for r in results:
         outcome = r["outcome"]
-        if outcome == SURVIVED and equivalence(plan, module.path, r["diff"], r.get("line")):
-            outcome = "equivalent"
-        elif outcome == SURVIVED:
-            survivors.append(r)
+        if outcome == SURVIVED:
+            reason = equivalence(plan, module.path, r["diff"], r.get("line"))
+            if reason:
+                outcome = "equivalent"
+                equivalents.append((r, reason))
+            else:
+                survivors.append(r)
         counts[outcome if outcome in counts else "no-test"] += 1
     caught = counts[KILLED] + counts[TIMEOUT]
     judged = caught + counts[SURVIVED]
@@ -314,23 +312,17 @@ def score(plan: Plan, module: Module, results: list[dict]) -> dict:
         "tested": len(results),
         "score": 100.0 * caught / judged if judged else float("nan"),
         "survivors": survivors,
+        "equivalents": equivalents,
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_report(
     plan: Plan, totals: dict[str, int], path: Path = ROOT / "docs" / "mutation.md"
 ) -> None:
+    from compress.deploy.onnx_export import cpu_isa  # the CPU's name and int8 ISA, as the benches
+
     results = load_results(HERE / "results.jsonl")
+    cpu = cpu_isa()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -353,13 +345,9 @@ def write_report(
                 f"`{m.path}` line {r['line']} ({r['key'].split(':')[1]}):\n\n"
                 f"```diff\n{_short_diff(r['diff'])}\n```\n"
             )
-        for r in mine:
-            reason = r["outcome"] == SURVIVED and equivalence(plan, m.path, r["diff"], r["line"])
-            if reason:
-                before, after = changed_lines(r["diff"])
-                equivalents.append(
-                    f"| `{m.path}`:{r['line']} | `{before}` -> `{after}` | {reason} |"
-                )
+        for r, reason in s["equivalents"]:
+            before, after = changed_lines(r["diff"])
+            equivalents.append(f"| `{m.path}`:{r['line']} | `{before}` -> `{after}` | {reason} |")
     text = [
         "# Mutation testing",
         "",
@@ -376,8 +364,9 @@ def write_report(
         "Score = killed / (killed + survived);",
         "the goal is 85% in every module.",
         "",
-        f"Measured at commit {commit}, {time.strftime('%Y-%m-%d')}, on {os.cpu_count()} cores of "
-        f"{cpu_name()}; sample seed {plan.seed}.",
+        f"Written at commit {commit}, {time.strftime('%Y-%m-%d')}, from the results of the modules'"
+        f" current sources (results.jsonl, keyed by source hash), run on {os.cpu_count()} cores of"
+        f" {cpu['cpu']} ({cpu['isa']}); sample seed {plan.seed}.",
         "",
         "| module | mutants | sampled & run | killed | survived | equivalent | not run | score |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -408,7 +397,8 @@ def _short_diff(diff: str) -> str:
 
 def try_mutants(plan: Plan, keys: list[str]) -> int:
     """Run mutants given by key in a copy of their own (.mutation/try, beside a running
-    `make mutation`'s workers): does a new test kill them? Exit 1 when one survives."""
+    `make mutation`'s workers, removed after): does a new test kill them? Exit 1 when one
+    survives."""
     copy = make_copy(WORK / "try")
     tests = {m.path: m.tests for m in plan.modules}
     cwd, env = os.getcwd(), dict(os.environ)
@@ -425,6 +415,7 @@ def try_mutants(plan: Plan, keys: list[str]) -> int:
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
+        shutil.rmtree(copy, ignore_errors=True)
     return 1 if survived else 0
 
 
