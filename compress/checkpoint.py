@@ -216,7 +216,9 @@ def _zip_kind(path: Path) -> str | None:
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def _refusal(path: Path, e: Exception, pickle_only: bool, what: str) -> CheckpointError:
+def _refusal(
+    path: Path, e: Exception, pickle_only: bool, what: str, expected: str
+) -> CheckpointError:
     """The one line for a file that torch.load(weights_only=True) refused. torch's message
     advises weights_only=False, the unsafe load this project refuses: it is not quoted."""
     msg = str(e)
@@ -229,7 +231,7 @@ def _refusal(path: Path, e: Exception, pickle_only: bool, what: str) -> Checkpoi
             "model.state_dict() with torch.save instead"
         )
     if pickle_only and "magic number" in msg:
-        return CheckpointError(f"{path} is a Python pickle, not a torch.save file: {WEIGHTS}")
+        return CheckpointError(f"{path} is a Python pickle, not a torch.save file: {expected}")
     reason = msg.partition("WeightsUnpickler error:")[2] if "WeightsUnpickler" in msg else msg
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     reason = lines[0] if lines else type(e).__name__
@@ -271,7 +273,8 @@ def read_torch_file(
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # any failure to read an archive or pickle is a damaged file
-        raise _refusal(path, e, pickle_only=not head.startswith(ZIP), what=what) from None
+        pickle_only = not head.startswith(ZIP)
+        raise _refusal(path, e, pickle_only, what, expected) from None
 
 
 # ---------------------------------------------------------------- readers

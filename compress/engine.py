@@ -255,7 +255,6 @@ def train_one_epoch(
         initial=start,
         total=len(loader),
     )
-    step = start - 1
     for step, (x, y) in enumerate(bar, start):
         with autocast(loader.device, cfg.precision):
             out = model(x)
@@ -284,7 +283,8 @@ def train_one_epoch(
         total_loss, correct, n = _sum_over_ranks(dist, total_loss, correct, n)
     if not torch.isfinite(total_loss):  # summed over ranks: every rank stops
         raise DivergenceError(
-            f"training diverged: the loss became non-finite by step {step}; lower schedule.lr"
+            f"training diverged: the loss became non-finite by step {len(loader) - 1}; "
+            "lower schedule.lr"
         )
     check_finite_weights(inner, dist)
     return {"acc": 100.0 * correct.item() / max(n, 1), "loss": total_loss.item() / max(n, 1)}
@@ -326,11 +326,12 @@ def make_loaders(
     cfg: TrainConfig,
     device: torch.device,
     seed: int,
-    crop_padding: int = 4,
-    flip: bool = True,
-    shard: tuple[int, int] | None = None,
+    *,
+    crop_padding: int,
+    flip: bool,
+    shard: tuple[int, int] | None,
 ) -> tuple[TensorLoader, TensorLoader]:
-    """(train, test) loaders; `shard=(rank, world_size)`: this rank's part of both."""
+    """(train, test) loaders; `shard=(rank, world_size)`: this rank's part of both (None: all)."""
     if hasattr(data, "loaders"):  # a streaming data set (image folders) builds its own
         sharded = {} if shard is None else {"shard": shard}
         return data.loaders(
@@ -546,7 +547,7 @@ def fit(
             "use device=cuda, or schedule.sync_bn=false"
         )
     train_loader, test_loader = make_loaders(
-        data, cfg, device, seed, crop_padding, flip, shard=dist.shard
+        data, cfg, device, seed, crop_padding=crop_padding, flip=flip, shard=dist.shard
     )
     if len(train_loader) == 0:
         per = f" x {dist.world} processes" if dist.enabled else ""

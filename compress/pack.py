@@ -75,7 +75,13 @@ from compress.quant import quantize_
 from compress.quant.api import applied_label, quant_label
 from compress.quant.lsq import TINY, weight_bounds
 from compress.quant.modules import QConv2d, QLinear
-from compress.spec import arch_name, checkpoint_state, model_from_checkpoint, model_spec
+from compress.spec import (
+    arch_name,
+    checkpoint_state,
+    load_error_line,
+    model_from_checkpoint,
+    model_spec,
+)
 
 FORMAT = "compress-packed/1"
 # 1: no checksum (written before packed files carried one; still read); 2: `checksum`
@@ -307,9 +313,9 @@ def unpack_model(state: dict[str, Any]) -> nn.Module:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
         raise CheckpointError(
-            f"packed weights do not fit its {arch_name(spec['arch'])} architecture: {first}"
+            f"packed weights do not fit its {arch_name(spec['arch'])} architecture: "
+            + load_error_line(e)
         ) from None
     for name, entry in state["packed"].items():
         layer = model.get_submodule(name)

@@ -98,13 +98,22 @@ def model_from_checkpoint(
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        first = str(e).splitlines()[0]
         raise CheckpointError(
-            f"checkpoint weights do not fit its {arch_name(arch)} architecture: {first}"
+            f"checkpoint weights do not fit its {arch_name(arch)} architecture: "
+            + load_error_line(e)
         ) from None
     if state.get("quant") and not quantized and not fused:
         to_float(model)
     return model
+
+
+def load_error_line(e: RuntimeError) -> str:
+    """The first line of load_state_dict's error that says what is wrong: torch's own first
+    line ('Error(s) in loading state_dict for ResNet:') names only the class."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        return lines[1]
+    return lines[0] if lines else type(e).__name__
 
 
 # ---------------------------------------------------------------- plain state_dicts

@@ -226,3 +226,82 @@ def test_tta_is_reported_beside_the_plain_accuracy(tmp_path):
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["test_acc"] == m["best_test_acc"]  # best.pt is chosen without TTA
     assert "test_acc_tta" not in run_training(tiny_cfg(epochs=1), tmp_path / "plain")
+
+
+# ---------------------------------------------------------------- what an epoch reports
+def _plain_fit(run_dir, writer=None, **schedule) -> dict:
+    from compress.data import load_dataset
+    from tests.test_distributed import PlainCNN
+
+    torch.manual_seed(0)
+    data = load_dataset("synthetic", num_train=64, num_test=30)
+    cfg = TrainConfig(**{"epochs": 3, "batch_size": 16, "lr": 0.05, "progress": False, **schedule})
+    return engine.fit(PlainCNN(), data, cfg, run_dir, torch.device("cpu"), writer=writer)
+
+
+class _Writer:
+    """A SummaryWriter's add_scalar, recorded."""
+
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+
+def test_eval_every_evaluates_those_epochs_and_the_last(tmp_path, caplog):
+    writer = _Writer()
+    with caplog.at_level("INFO", logger="compress.engine"):
+        summary = _plain_fit(tmp_path, writer, eval_every=2)
+    accs = [row["test_acc"] for row in summary["history"]]
+    assert accs[0] is None and accs[1] is not None and accs[2] is not None
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] in (2, 3)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert len(lines) == 3 and lines[0].startswith("epoch 1/3  train loss ")
+    assert "not evaluated" in lines[0] and "test loss" in lines[1] and "test loss" in lines[2]
+    # the writer gets every number of every epoch, and no test numbers for epoch 1
+    tags = {(tag, step) for tag, _, step in writer.scalars}
+    assert ("train/loss", 1) in tags and ("test/acc", 1) not in tags and ("lr", 1) in tags
+    assert {("test/acc", 2), ("test/acc", 3), ("test/loss", 3)} <= tags
+
+
+def test_the_progress_bar_counts_epochs_from_one(tmp_path, monkeypatch):
+    descs = []
+    real = engine.tqdm
+
+    def recording(*args, **kwargs):
+        descs.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "tqdm", recording)
+    _plain_fit(tmp_path)
+    assert [d for d in descs if d and d.startswith("epoch")] == [
+        "epoch 1/3",
+        "epoch 2/3",
+        "epoch 3/3",
+    ]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_no_grad_scaler_outside_fp16(precision):
+    # a GradScaler enabled on a CPU-only machine warns and disables itself: only fp16 has one
+    import warnings
+
+    from compress.data import TensorLoader
+    from compress.data.datasets import Split
+
+    split = Split(torch.zeros(32, 1, 2, 2, dtype=torch.uint8), torch.zeros(32, dtype=torch.long))
+    loader = TensorLoader(split, 16, (0.5,), (0.5,), train=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    cfg = TrainConfig(progress=False, precision=precision)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.train_one_epoch(model, loader, opt, sched, cfg)
+    assert not [w for w in caught if "GradScaler" in str(w.message)]
+    if not torch.cuda.is_available():  # the check sees what an enabled scaler does here
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.amp.GradScaler(enabled=True)
+        assert [w for w in caught if "GradScaler" in str(w.message)]

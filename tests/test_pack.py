@@ -411,3 +411,15 @@ def test_payload_bytes_add_codes_scales_and_floats():
         "float": floats,
         "total": codes + scales + floats,
     }
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_a_dorefa_layer_of_zero_weights_round_trips(bits):
+    # a dead layer: max|tanh(w)| is below DoReFa's clamp, so its quantized weights are not
+    # +-1 at the top (2 bits: 1/3 everywhere); the latent weights rebuilt for it must be too
+    model = quantized("resnet20", {"kind": "dorefa", "bits": bits}, {"kind": "dorefa", "bits": 4})
+    layer = dict(packable_layers(model))["layers.1.conv1"]
+    with torch.no_grad():
+        layer.weight.zero_()
+    assert layer.quantized_weight().abs().max() < 1
+    assert_round_trip(model, pack_model(model))

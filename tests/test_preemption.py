@@ -219,6 +219,28 @@ def test_a_signal_during_evaluation_stops_after_the_epoch_is_saved(
     assert_same_run(uninterrupted, run)
 
 
+def test_a_signal_during_the_last_evaluation_lets_the_run_finish(
+    uninterrupted, tmp_path, monkeypatch, caplog
+):
+    # everything is done and saved: the run ends as usual (exit 0) and says the signal came
+    run = tmp_path / "run"
+    real = engine.evaluate
+    calls = {"n": 0}
+
+    def evaluate_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        if calls["n"] == 2:  # the second of two epochs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_then_signal)
+    with caplog.at_level("WARNING", logger="compress.engine"):
+        assert train_in_process(run, *RUN) == 0
+    assert "SIGTERM arrived as training ended: the run finishes" in caplog.text
+    assert_same_run(uninterrupted, run)
+
+
 # ---------------------------------------------------------------- streamed image folder
 def children() -> list[int]:
     """The pids of this process's children (DataLoader workers), from /proc."""
@@ -356,6 +378,40 @@ def test_two_processes_stop_together_and_resume_to_the_same_run(tmp_path):
     assert a["world_size"] == b["world_size"] == 2
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["history"] == b["history"] and a["best_acc"] == b["best_acc"]
+
+
+def _ddp_last_step_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    assert engine.STOP_POLL_STEPS > 4  # no poll inside the 4-step epoch but at its end
+    dist = init_from_env("cpu")
+    try:
+        signals = [SignalAt(4, signal.SIGUSR1)] if rank == 1 else []  # epoch 1's last step
+        with pytest.raises(Preempted):
+            _ddp_fit(Path(tmp), dist, callbacks=signals)
+        state = load_checkpoint(Path(tmp) / "last.pt")
+        torch.save({"step": state.get("step"), "epoch": state["epoch"]}, Path(tmp) / f"r{rank}.pt")
+    finally:
+        dist.shutdown()
+
+
+def test_two_processes_poll_for_a_stop_at_the_last_step_of_an_epoch(tmp_path):
+    # the ranks agree every STOP_POLL_STEPS steps and at each epoch's last step: a signal in
+    # that step stops both there, before the evaluation
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (2, port, str(tmp_path))
+    torch.multiprocessing.spawn(_ddp_last_step_worker, args=args, nprocs=2, join=True)
+    for r in range(2):
+        assert torch.load(tmp_path / f"r{r}.pt") == {"step": 4, "epoch": 0}, r
 
 
 # ---------------------------------------------------------------- submitit's requeue

@@ -470,3 +470,39 @@ def test_masking_with_a_keep_list_for_other_groups_is_refused():
     keep = select_channels(graph, "normal", 0.5)
     with pytest.raises(ValueError, match="zip"):
         mask_(graph, keep[:-1])
+
+
+class _Mixer(nn.Module):
+    """conv1 -> `op` -> conv2: an op that mixes or reshapes channels in a way the graph has
+    no rule for, which must freeze conv1's channels (pruning them would change the result)."""
+
+    OPS = {
+        "cumsum over channels": (8, lambda x: x.cumsum(1)),
+        "mean over channels": (1, lambda x: x.mean(1, keepdim=True)),
+        "cat along height": (8, lambda x: torch.cat([x, x], dim=2)),
+        "cat along the batch": (8, lambda x: torch.cat([x, x], dim=0)),
+    }
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        cin, self.op = self.OPS[op]
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(cin, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.op(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("op", list(_Mixer.OPS))
+def test_ops_the_graph_cannot_follow_freeze_the_channels_they_read(op):
+    torch.manual_seed(0)
+    model = randomize_bn_(_Mixer(op)).eval()
+    graph = channel_graph(model, (3, 8, 8))
+    keep = select_channels(graph, "normal", 0.5)
+    small = thin(model, keep, (3, 8, 8)).eval()
+    assert small.conv1.out_channels == 8 and small.conv2.out_channels == 4
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(small(x), _masked(model, graph, keep)(x), atol=1e-5)

@@ -592,3 +592,66 @@ def test_taylor_products_are_summed_per_channel_for_any_rank(shape):
     t = torch.randn(*shape)
     expected = t.reshape(4, 6, -1).sum(2)
     assert torch.allclose(_per_channel(t), expected)
+
+
+def test_the_mac_count_of_grouped_convs_is_count_macs():
+    # nin_gc's grouped (not depthwise) convs: each output channel reads cin / groups inputs
+    torch.manual_seed(0)
+    model = randomize_bn_(create_model("nin_gc"))
+    graph = channel_graph(model, SHAPE)
+    assert any(
+        isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels for m in model.modules()
+    )
+    keep = select_channels(graph, "gc", 0.4)
+    removed = count_macs(model, SHAPE) - count_macs(thin(model, keep, SHAPE), SHAPE)
+    assert removed > 0 and graph.macs_removed(keep) == removed
+    macs_keep = select_channels(graph, "gc", 0.3, target="macs")
+    left = count_macs(thin(model, macs_keep, SHAPE), SHAPE)
+    assert left == count_macs(model, SHAPE) - graph.macs_removed(macs_keep)
+
+
+def test_a_mac_target_takes_the_nearer_of_the_two_levels_around_it():
+    # every level of the global threshold (0, 1, 2, ... channels removed) as a channel
+    # target; the MAC target must land on the one whose MACs are nearest the goal, on either
+    # side of it (several goals, so both sides occur)
+    torch.manual_seed(0)
+    model = randomize_bn_(create_model("vgg_small", channels=[8, 8, 16, 16, 16, 16]))
+    graph = channel_graph(model, SHAPE)
+    score = build_importance("l1", model, graph.groups)
+    full, total = count_macs(model, SHAPE), sum(g.channels for g in graph.groups)
+    levels = set()
+    for j in range(total // 2):
+        keep = select_channels(graph, percent=j / total, importance=score, min_channels=1)
+        levels.add(full - graph.macs_removed(keep))
+    sides = set()
+    for percent in (0.1, 0.15, 0.2, 0.25, 0.3, 0.35):
+        goal = (1 - percent) * full
+        keep = select_channels(graph, percent=percent, target="macs", importance=score)
+        got = full - graph.macs_removed(keep)
+        assert abs(got - goal) == min(abs(m - goal) for m in levels | {got}), percent
+        sides.add(got > goal)
+    assert sides == {True, False}
+
+
+def test_a_mac_target_between_two_coarse_levels_takes_the_nearer():
+    # two channels per layer and scope=layer: the only levels are "keep all" and "keep one of
+    # each pair", MACs apart by a factor of about 3. Goals anywhere between them must land on
+    # the nearer one, also where the farther one is more than twice the goal
+    torch.manual_seed(0)
+    model = randomize_bn_(create_model("vgg_small", channels=[2] * 6))
+    graph = channel_graph(model, SHAPE)
+    full = count_macs(model, SHAPE)
+    half = select_channels(graph, percent=0.5, scope="layer")
+    assert all(len(k) == 1 for k in half)
+    low = full - graph.macs_removed(half)
+    assert 2 * low < full  # the step is coarse
+    chosen = set()
+    for i in range(1, 100):
+        goal = (1 - i / 100) * full
+        if goal < low:
+            break
+        keep = select_channels(graph, percent=i / 100, target="macs", scope="layer")
+        got = full - graph.macs_removed(keep)
+        assert got in (full, low) and abs(got - goal) <= abs(full + low - got - goal), i
+        chosen.add(got)
+    assert chosen == {full, low}

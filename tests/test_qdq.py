@@ -474,10 +474,14 @@ def test_a_conv_behind_a_float_add_gets_a_calibrated_input():
     _, without = to_qdq(model)
     assert "its input is not quantized" in without.float_layers.values()
     qdq, report = to_qdq(model, [torch.randn(8, 3, 32, 32)])
-    assert report.requantized_inputs and set(report.float_layers.values()) == {"float weights"}
+    assert report.requantized_inputs == ["5.0"]
+    assert set(report.float_layers.values()) == {"float weights"}
     assert len(report.integer_layers) == len(without.integer_layers) + len(
         report.requantized_inputs
     )
+    # its output feeds a quantizer (BN, ReLU, PACT), which is what requantizes it: no second
+    # Q / DQ on its output
+    assert report.requantized == [] and "5.0" in report.integer_layers
     assert check_exact(model, qdq, torch.randn(32, 3, 32, 32))["top1_agreement"] >= 80.0
 
 
@@ -563,3 +567,14 @@ def test_check_exact_reports_the_difference_against_the_logit_spread():
     assert got["max_abs_diff"] == pytest.approx(2.0)
     assert got["rel_diff"] == pytest.approx(2.0 / 3.0)
     assert got["top1_agreement"] == 50.0
+
+
+def test_the_values_a_qdq_act_saturates_at_on_either_side():
+    from compress.deploy.qdq import _value_range
+
+    # Q clamps codes to [lo, hi] around the zero point: a nonzero one shifts both ends
+    q = QDQAct(0.5, 10, 0, 255, out_scale=0.25, out_zp=3)
+    assert _value_range(q, "in") == ((0 - 10) * 0.5, (255 - 10) * 0.5)
+    assert _value_range(q, "out") == ((0 - 3) * 0.25, (255 - 3) * 0.25)
+    signed = QDQAct(0.1, -5, -8, 7, dtype=torch.int8)
+    assert _value_range(signed, "in") == pytest.approx(((-8 + 5) * 0.1, (7 + 5) * 0.1))
