@@ -288,6 +288,15 @@ class XnorConv2d(nn.Module):
         # which matter for small layers
         return extension().xnor_conv2d(_input(x), *self._layer_args())
 
+    def opaque_macs(self, x: torch.Tensor) -> int:
+        """The multiply-accumulates of this call on `x` (float NCHW or packed [N, H, W, G, Wg]):
+        the conv it replaced. compress.metrics.count_macs asks, as torch's flop counter does
+        not see into the extension."""
+        h, w = (x.shape[1], x.shape[2]) if x.dtype == torch.int64 else x.shape[-2:]
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
+        pixels = ((h + 2 * ph - kh) // sh + 1) * ((w + 2 * pw - kw) // sw + 1)
+        return x.shape[0] * pixels * self.out_channels * self.in_per_group * kh * kw
+
     def _layer_args(self) -> tuple:
         """The layer's arguments to the extension's convs, after the input."""
         return (
