@@ -26,6 +26,7 @@ LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WEIGHT_KINDS = ("fp32", "dorefa", "ternary", "binary", "int8", "lsq")
 ACT_KINDS = (*WEIGHT_KINDS, "pact")
+ACT_SITES = ("relu", "inputs")  # quant.act.sites
 GRAD_MODES = ("ste", "saturate_ste", "soft_ste")  # = compress.quant.primitives.GRAD_MODES
 PRUNERS = ("normal", "regular", "gc")
 DISTILL_KINDS = ("none", "kd")
@@ -97,6 +98,10 @@ class ActQuantConfig:
     # lsq: signed codes [-2^(b-1), 2^(b-1) - 1] (a site whose input can be negative) instead of
     # unsigned [0, 2^b - 1], which clamps at 0 like the ReLU it replaces
     signed: bool = False
+    # relu: quantizers replace the ReLU-like activations (Activation slots, nn.ReLU / ReLU6);
+    # inputs: also one at the input of every quantized layer that would read a float tensor
+    # (one per tensor, signed or unsigned by what produces it; compress.quant.sites)
+    sites: str = "relu"
 
 
 @dataclass
@@ -317,6 +322,8 @@ def validate_quantizer(d: dict[str, Any], prefix: str, kinds: tuple[str, ...]) -
     for key in ("scale", "center", "clip", "signed"):
         if key in d:
             _check_bool(f"{prefix}.{key}", d[key])
+    if "sites" in d:
+        check_choice(f"{prefix}.sites", d["sites"], ACT_SITES)
     return kind
 
 

@@ -243,7 +243,7 @@ def _fold_normal(model: nn.Module, fold: Fold) -> None:
     layer, bn = model.get_submodule(fold.conv), model.get_submodule(fold.bn)
     w = layer.quantized_weight() if isinstance(layer, QConv2d | QLinear) else layer.weight
     if isinstance(layer, QConv2d | QLinear):  # the fused weight is a float tensor now
-        layer = layer.to_float()
+        layer = layer.with_float_weight()
         _set(model, fold.conv, layer)
     _fold_into_weight(layer, w, bn)
     _set(model, fold.bn, nn.Identity())
@@ -341,7 +341,7 @@ def apply_fused_structure_(model: nn.Module, folds: list[list[str]]) -> nn.Modul
             continue
         layer = model.get_submodule(conv)
         if mode == "normal" and isinstance(layer, QConv2d | QLinear):
-            layer = layer.to_float()
+            layer = layer.with_float_weight()
             _set(model, conv, layer)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))

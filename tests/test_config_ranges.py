@@ -107,6 +107,7 @@ RANGES: dict[str, Case] = {
     ),
     "quant.act.clip_init": Case([0, -6, *WRONG_FLOAT], [0.5, 6, 10.0], {"kind": "pact", "bits": 4}),
     "quant.act.signed": Case(BOOL.bad, BOOL.good, {"kind": "lsq", "bits": 4}),
+    "quant.act.sites": choice(C.ACT_SITES, ("input", "ReLU", "", 1, None)),
     # ------------------------------------------------------------ quant
     "quant.keep": Case(["conv1", 3, [1], ["conv1", None]], [None, [], ["conv1", "fc"]]),
     "quant.keep_first_last": BOOL,

@@ -419,6 +419,15 @@ def to_qdq(
     `calib`: batches of normalized inputs for the 8-bit ranges of what the QAT model leaves float
     next to an integer layer (see the module docstring); without, those layers keep int8
     weights and a float input or output."""
+    at_inputs = [
+        n for n, layer in model.named_modules() if layer._modules.get("input_quant") is not None
+    ]
+    if at_inputs:
+        raise QDQError(
+            f"{len(at_inputs)} layers ({at_inputs[0]}, ...) have input quantizers "
+            "(quant.act.sites=inputs): their integer export is not supported yet; export the "
+            "fake-quant model (int8=false) or train with quant.act.sites=relu"
+        )
     m = copy.deepcopy(model).cpu().eval()
     codes = {
         name: c

@@ -46,6 +46,7 @@ from compress.quant.quantizers import (
     act_quantizer,
     weight_quantizer,
 )
+from compress.quant.sites import add_input_quantizers_, input_coverage
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,9 @@ def quantize_(
     validate(cfg)
     wcfg, acfg = dict(cfg.get("weight") or {}), dict(cfg.get("act") or {})
     name = getattr(model, "arch", {}).get("name", type(model).__name__)
-    if wcfg.get("kind", "fp32") != "fp32":
+    at_inputs = acfg.get("kind", "fp32") != "fp32" and acfg.get("sites", "relu") == "inputs"
+    # input quantizers live on quantized layers: with float weights those are fp32-weight ones
+    if wcfg.get("kind", "fp32") != "fp32" or at_inputs:
         keep = set(kept_layers(model, cfg))
         swapped = 0
         for lname, m in _layers(model):
@@ -176,11 +179,11 @@ def quantize_(
             )
     if acfg.get("kind", "fp32") != "fp32":
         sites = activation_sites(model)
-        if not sites:
+        if not sites and not at_inputs:
             raise ConfigError(
                 f"quant.act.kind={acfg['kind']}: {name} has no activation to quantize (no "
                 "Activation slot, nn.ReLU or nn.ReLU6 module; F.relu calls inside forward are "
-                "not seen): use nn.ReLU modules, or quant.act.kind=fp32"
+                "not seen): use quant.act.sites=inputs, nn.ReLU modules, or quant.act.kind=fp32"
             )
         for sname, m in sites:
             if isinstance(m, Activation):
@@ -189,8 +192,26 @@ def quantize_(
                 q = act_quantizer(acfg)
                 q.float_type = type(m)  # what to_float puts back
                 _set(model, sname, q)
+        if at_inputs:
+            try:
+                add_input_quantizers_(model, acfg)
+            except ValueError as e:
+                raise ConfigError(
+                    f"quant.act.sites=inputs: torch.fx cannot trace {name} ({e}), so the inputs "
+                    "of its layers cannot be found; use quant.act.sites=relu"
+                ) from None
     model.quant_config = dict(cfg)
     return model
+
+
+def input_report(model: nn.Module) -> dict[str, Any] | None:
+    """How many quantized layers read k-bit inputs and which read float, with why (None: the
+    model cannot be traced, or has no quantized layer)."""
+    coverage = input_coverage(model)
+    if not coverage:
+        return None
+    floats = {name: why for name, why in coverage.items() if why is not None}
+    return {"kbit_inputs": len(coverage) - len(floats), "float_inputs": floats}
 
 
 def to_float(model: nn.Module) -> nn.Module:

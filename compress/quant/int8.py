@@ -140,9 +140,11 @@ class Int8Act(Quantizer):
 
     kind, bits = "int8", 8
 
-    def __init__(self, momentum: float = MOMENTUM) -> None:
+    def __init__(self, momentum: float = MOMENTUM, relu: bool = True) -> None:
         super().__init__()
         self.momentum = momentum
+        # False at a layer input (compress.quant.sites): the observed range, negatives too
+        self.relu = relu
         self.register_buffer("min_val", torch.tensor(0.0))
         self.register_buffer("max_val", torch.tensor(6.0))
         self.register_buffer("initialized", torch.tensor(False))
@@ -161,13 +163,16 @@ class Int8Act(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # quantize_ sets float_type at a ReLU / ReLU6 module site; an Activation slot is a ReLU
-        x = x.clamp(0, 6) if getattr(self, "float_type", None) is nn.ReLU6 else torch.relu(x)
+        if getattr(self, "float_type", None) is nn.ReLU6:
+            x = x.clamp(0, 6)
+        elif self.relu:
+            x = torch.relu(x)
         if self.training:
             self.observe(x)
         return fake_quant_affine(x, *self.qparams())
 
     def extra_repr(self) -> str:
-        return f"momentum={self.momentum}"
+        return f"momentum={self.momentum}" + ("" if self.relu else ", relu=False")
 
 
 # ---------------------------------------------------------------- batch-norm freeze

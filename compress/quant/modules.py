@@ -27,6 +27,21 @@ class _QMixin:
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quant(self.weight)
 
+    def with_float_weight(self) -> nn.Module:
+        """This layer with a float weight (BN folded into it): a plain conv / linear layer, or,
+        where it has an input quantizer, itself with an fp32 weight quantizer, so that its
+        input stays quantized."""
+        if self._modules.get("input_quant") is None:  # type: ignore[attr-defined]
+            return self.to_float()  # type: ignore[attr-defined]
+        self.weight_quant = FP32Weight()
+        return self  # type: ignore[return-value]
+
+    def read_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` through the layer's input quantizer, where quant.act.sites=inputs put one
+        (compress.quant.sites; possibly shared with the other readers of the same tensor)."""
+        q = self._modules.get("input_quant")  # type: ignore[attr-defined]
+        return x if q is None else q(x)
+
     def storage_bytes(self) -> int:
         """Weight bits at the quantized width, plus one fp32 scale per output channel if scaled."""
         scales = self.weight.shape[0] * 4 if self.weight_quant.scaled else 0
@@ -35,7 +50,7 @@ class _QMixin:
 
 class QConv2d(_QMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(self.read_input(x), self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quant: Quantizer | None = None) -> QConv2d:
@@ -77,7 +92,7 @@ class QConv2d(_QMixin, nn.Conv2d):
 
 class QLinear(_QMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(self.read_input(x), self.quantized_weight(), self.bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quant: Quantizer | None = None) -> QLinear:

@@ -30,7 +30,7 @@ from compress.distributed import Dist, check_resume_world, init_from_env
 from compress.engine import Callback, TrainConfig, fit
 from compress.errors import CheckpointError
 from compress.quant import bit_widths, is_quantized, quantize_
-from compress.quant.api import applied_label
+from compress.quant.api import applied_label, input_report
 from compress.quant.api import validate as validate_quant
 from compress.spec import arch_name, model_from_checkpoint
 from compress.tasks.common import (
@@ -65,6 +65,28 @@ def run(
     finally:
         if owned:
             dist.shutdown()
+
+
+def log_float_inputs(inputs: dict[str, Any], quant_cfg: dict[str, Any]) -> None:
+    """Warn that some quantized layers read float inputs, which and why (a W4A4 model whose
+    layers read float is not one, and its integer export needs float paths)."""
+    floats = inputs["float_inputs"]
+    total = inputs["kbit_inputs"] + len(floats)
+    shown = "; ".join(f"{n}: {why}" for n, why in list(floats.items())[:5])
+    more = f"; ... ({len(floats)} in all)" if len(floats) > 5 else ""
+    hint = (
+        "; quant.act.sites=inputs quantizes them"
+        if (quant_cfg.get("act") or {}).get("sites", "relu") == "relu"
+        else ""
+    )
+    log.warning(
+        "quant: %d of %d quantized layers read float inputs (%s%s)%s",
+        len(floats),
+        total,
+        shown,
+        more,
+        hint,
+    )
 
 
 def _run(
@@ -134,8 +156,12 @@ def _run(
     hooks: list[Callback] = []
     if sparsity.get("enabled"):
         hooks.append(BNSparsity(model, float(sparsity.get("s", 1e-4)), data.image_shape))
+    inputs = None
     if is_quantized(quant_cfg):
         quantize_(model, quant_cfg)
+        inputs = input_report(model)
+        if inputs and inputs["float_inputs"] and dist.is_main:
+            log_float_inputs(inputs, quant_cfg)
     if quant_cfg.get("freeze_bn_epoch"):
         done = resume_state["epoch"] if resume_state else 0
         hooks.append(FreezeBN(model, int(quant_cfg["freeze_bn_epoch"]), done))
@@ -180,6 +206,9 @@ def _run(
             **({"test_acc_tta": summary["test_acc_tta"]} if "test_acc_tta" in summary else {}),
             "epochs": summary["epochs"],
         }
+        if inputs:
+            metrics["kbit_input_layers"] = inputs["kbit_inputs"]
+            metrics["float_input_layers"] = inputs["float_inputs"]
         if init:
             metrics["init"] = init
         if distilled:

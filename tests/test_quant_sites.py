@@ -1,0 +1,248 @@
+"""quant.act.sites: which quantized layers read k-bit inputs (compress.quant.sites), and the
+input quantizers that put the others on a grid. The check of "k-bit" here does not use the
+module's analysis: it counts the distinct values each quantized layer really multiplies."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.deploy.qdq import QDQError, to_qdq
+from compress.errors import ConfigError
+from compress.fuse import fuse_bn_
+from compress.models import create_model
+from compress.quant import QConv2d, QLinear, quantize_, to_float
+from compress.quant.api import bit_widths, input_report
+from compress.quant.int8 import Int8Act
+from compress.quant.quantizers import LSQAct, PACTAct
+from compress.spec import checkpoint_state, model_from_checkpoint
+
+
+def quant(kind: str = "lsq", bits: int = 4, sites: str = "inputs", weight: str = "lsq") -> dict:
+    wcfg = {"kind": weight, "bits": bits} if weight in ("lsq", "dorefa") else {"kind": weight}
+    acfg = {"kind": kind, "sites": sites} | ({"bits": bits} if kind != "int8" else {})
+    return {"weight": wcfg, "act": acfg}
+
+
+def tv(name: str) -> nn.Module:
+    return create_model(name, source="torchvision", num_classes=10)
+
+
+def levels_read(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Distinct values in the input each quantized layer computes with (after its own input
+    quantizer, if any), from one eval forward pass."""
+    seen: dict[str, int] = {}
+
+    def hook(name):
+        def record(layer, args):
+            v = layer.read_input(args[0]).detach()
+            seen[name] = max(seen.get(name, 0), int(torch.unique(v).numel()))
+
+        return record
+
+    handles = [
+        m.register_forward_pre_hook(hook(n))
+        for n, m in model.named_modules()
+        if isinstance(m, QConv2d | QLinear)
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def warmed(model: nn.Module, shape=(3, 64, 64)) -> nn.Module:
+    """One training-mode batch: LSQ steps and int8 ranges start from data, as in training."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, *shape))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- what relu sites leave float
+def test_relu_sites_leave_most_mobilenet_v3_inputs_float_and_say_why():
+    model = tv("mobilenet_v3_small")
+    quantize_(model, quant(sites="relu"))
+    report = input_report(model)
+    floats = report["float_inputs"]
+    assert (report["kbit_inputs"], len(floats)) == (13, 39)
+    whys = {why.split(" (")[0] for why in floats.values()}
+    assert {"a Hardswish output", "a product", "a sum", "a AdaptiveAvgPool2d output"} <= whys
+    assert bit_widths(model) == (4, 4)  # what bit_widths alone cannot show
+    levels = levels_read(warmed(model), torch.randn(2, 3, 64, 64))
+    assert sum(v > 16 for v in levels.values()) >= 39 - 1  # the report is what they compute
+
+
+def test_a_project_model_reads_k_bit_inputs_everywhere_but_behind_resnet9s_add():
+    for name in ("nin", "resnet20", "vgg_small"):
+        model = create_model(name)
+        quantize_(model, quant("pact", sites="relu", weight="dorefa"))
+        assert input_report(model)["float_inputs"] == {}, name
+    model = create_model("resnet9", width=8)
+    quantize_(model, quant("pact", sites="relu", weight="dorefa"))
+    assert input_report(model)["float_inputs"] == {"5.0": "a sum (a residual stream)"}
+
+
+# ---------------------------------------------------------------- sites=inputs
+@pytest.mark.parametrize(
+    "name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny"]
+)
+def test_input_sites_put_every_quantized_layer_on_a_4_bit_grid(name):
+    model = tv(name)
+    quantize_(model, quant())
+    assert input_report(model)["float_inputs"] == {}
+    levels = levels_read(warmed(model), torch.randn(2, 3, 64, 64))
+    assert levels and max(levels.values()) <= 16, {k: v for k, v in levels.items() if v > 16}
+
+
+def test_functional_relus_quantize_at_inputs_and_are_refused_at_relu_sites():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.c3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = F.relu(self.c1(x))
+            x = torch.relu(self.c2(x))
+            x = self.c3(x).relu()
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.raises(ConfigError, match="use quant.act.sites=inputs, nn.ReLU modules"):
+        quantize_(Functional(), quant(sites="relu"))
+    model = quantize_(Functional(), quant())
+    # c1 and fc are kept float; c2 and c3 read ReLU outputs: unsigned quantizers
+    assert isinstance(model.c2.input_quant, LSQAct) and not model.c2.input_quant.signed
+    assert not model.c3.input_quant.signed
+    assert max(levels_read(warmed(model, (3, 16, 16)), torch.randn(2, 3, 16, 16)).values()) <= 16
+
+
+class Branches(nn.Module):
+    """One BN output read by two convs (one tensor: one quantizer), a Hardswish (signed), a
+    sigmoid gate of a ReLU (unsigned), an average pool of a ReLU (unsigned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.hs, self.after_hs = nn.Hardswish(), nn.Conv2d(8, 8, 1)
+        self.gate, self.after_gate = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.pooled, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.bn(self.stem(x))
+        x = self.hs(self.a(x) + self.b(x))
+        x = self.after_hs(x)
+        r = torch.relu(x)
+        g = r * torch.sigmoid(self.gate(r))
+        y = self.after_gate(g)
+        y = self.pooled(F.adaptive_avg_pool2d(torch.relu(y), 1))
+        return self.fc(y.flatten(1))
+
+
+def test_one_quantizer_per_tensor_signed_by_what_produces_it():
+    model = quantize_(Branches(), quant())
+    assert model.a.input_quant is model.b.input_quant  # the BN output, shared
+    assert model.a.input_quant.signed  # a BN output can be negative
+    assert model.after_hs.input_quant.signed  # Hardswish reaches -0.375
+    assert not model.gate.input_quant.signed  # a ReLU output
+    assert not model.after_gate.input_quant.signed  # ReLU x sigmoid
+    assert not model.pooled.input_quant.signed  # the mean of a ReLU output
+    keys = [k for k in model.state_dict() if "input_quant.step" in k]
+    assert {"a.input_quant.step", "b.input_quant.step"} <= set(keys)
+    # DoReFa / PACT are unsigned only: a signed input gets LSQ's signed quantizer, same bits
+    pact = quantize_(Branches(), quant("pact", weight="dorefa"))
+    assert isinstance(pact.gate.input_quant, PACTAct)
+    assert isinstance(pact.a.input_quant, LSQAct) and pact.a.input_quant.signed
+    assert pact.a.input_quant.bits == 4
+    # int8: asymmetric ranges, negatives kept (no ReLU at an input)
+    int8 = quantize_(
+        Branches(), {"weight": {"kind": "int8"}, "act": {"kind": "int8", "sites": "inputs"}}
+    )
+    q = int8.a.input_quant
+    assert isinstance(q, Int8Act) and not q.relu
+    q.train()
+    assert q(torch.tensor([-1.0, 2.0])).min() < 0
+
+
+def test_input_quantizers_survive_a_checkpoint_fusion_and_float_conversion():
+    built = create_model(source="custom", target="tests.test_quant_sites.Branches")
+    model = warmed(quantize_(built, quant()), (3, 8, 8))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        rebuilt = model_from_checkpoint(checkpoint_state(model)).eval()
+        assert torch.equal(rebuilt(x), want)
+        assert rebuilt.a.input_quant is rebuilt.b.input_quant
+        fuse_bn_(rebuilt)
+        assert torch.allclose(rebuilt(x), want, atol=1e-5)
+        again = model_from_checkpoint(checkpoint_state(rebuilt)).eval()
+        assert torch.equal(again(x), rebuilt(x))
+    plain = to_float(model)
+    assert not any(isinstance(m, LSQAct) for m in plain.modules())
+
+
+def test_float_weights_with_quantized_inputs():
+    model = quantize_(
+        Branches(),
+        {"weight": {"kind": "fp32"}, "act": {"kind": "lsq", "bits": 4, "sites": "inputs"}},
+    )
+    assert isinstance(model.a, QConv2d) and model.a.weight_bits == 32
+    assert bit_widths(model) == (32, 4) and input_report(model)["float_inputs"] == {}
+
+
+def test_an_untraceable_model_is_one_line_at_input_sites():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.c1(x)
+            if x.sum() > 0:  # data-dependent control flow: not traceable
+                x = x.relu()
+            return self.fc(self.c2(x).mean((2, 3)))
+
+    with pytest.raises(
+        ConfigError, match=r"quant.act.sites=inputs: torch.fx cannot trace Branchy \("
+    ):
+        quantize_(Branchy(), quant())
+
+
+def test_integer_export_of_input_quantizers_is_refused_in_one_line():
+    model = warmed(quantize_(Branches(), quant()), (3, 8, 8))
+    with pytest.raises(QDQError, match=r"have input quantizers \(quant.act.sites=inputs\)"):
+        to_qdq(model)
+
+
+def test_training_reports_and_warns_about_float_inputs(entry, tmp_path, caplog):
+    import json
+
+    common = ("model=resnet9", "model.width=8", "dataset=synthetic", "dataset.num_train=32")
+    common += ("dataset.num_test=16", "schedule.epochs=1", "schedule.batch_size=16")
+    common += ("schedule.progress=false", "device=cpu", "quant=w4a4p")
+    with caplog.at_level(logging.WARNING, logger="compress.tasks.train"):
+        code, _, err = entry("train", *common, run_dir=tmp_path / "relu")
+    assert code == 0, err
+    m = json.loads((tmp_path / "relu" / "metrics.json").read_text())
+    assert m["kbit_input_layers"] == 6
+    assert m["float_input_layers"] == {"5.0": "a sum (a residual stream)"}
+    assert (
+        "quant: 1 of 7 quantized layers read float inputs (5.0: a sum (a residual stream)); "
+        "quant.act.sites=inputs quantizes them"
+    ) in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="compress.tasks.train"):
+        code, _, err = entry("train", *common, "quant.act.sites=inputs", run_dir=tmp_path / "in")
+    assert code == 0, err
+    m = json.loads((tmp_path / "in" / "metrics.json").read_text())
+    assert m["kbit_input_layers"] == 7 and m["float_input_layers"] == {}
+    assert "read float inputs" not in caplog.text
