@@ -490,8 +490,9 @@ def _run(
         initargs=(queue,),
     ) as pool:
         for m in modules:
-            h = source_hash(ROOT / m.path)
-            mutants = all_mutants(ROOT, m.path)
+            # the source the copies hold (the checkout may change while a run goes on)
+            h = source_hash(copies[0] / m.path)
+            mutants = all_mutants(copies[0], m.path)
             if totals_file.exists():  # another run beside this one may have added modules
                 totals.update(json.loads(totals_file.read_text()))
             totals[m.path] = len(mutants)
