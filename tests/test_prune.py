@@ -154,7 +154,7 @@ def test_min_channels_floor_and_a_group_emptied():
         ("nin", {"kind": "normal", "percent": -0.1}, ConfigError, "a fraction in \\[0, 1\\)"),
         ("nin", {"kind": "regular", "base": 0}, ConfigError, "pruner.base=0"),
         ("nin", {"kind": "gc"}, ConfigError, "pruner=gc is for group-convolution models"),
-        ("nin_gc", {"kind": "normal"}, ConfigError, "use pruner=gc"),
+        ("nin_gc", {"kind": "regular", "base": 4}, ConfigError, "use pruner=normal or pruner=gc"),
     ],
 )
 def test_bad_pruning_requests(name, kwargs, error, message):
@@ -506,3 +506,84 @@ def test_ops_the_graph_cannot_follow_freeze_the_channels_they_read(op):
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(small(x), _masked(model, graph, keep)(x), atol=1e-5)
+
+
+def test_normal_pruning_of_a_grouped_model_keeps_its_groups_and_says_so(caplog):
+    model = randomize_bn_(create_model("nin_gc"))
+    graph = channel_graph(model, SHAPE)
+    with caplog.at_level("INFO", logger="compress.prune.pruner"):
+        normal = select_channels(graph, "normal", 0.3)
+    assert "removed evenly across its convolution groups (as pruner=gc does)" in caplog.text
+    gc = select_channels(graph, "gc", 0.3)
+    assert all(torch.equal(a, b) for a, b in zip(normal, gc, strict=True))
+    x = torch.randn(2, *SHAPE)
+    small = thin(model, normal, SHAPE).eval()
+    with torch.no_grad():
+        assert torch.allclose(small(x), _masked(model.eval(), graph, normal)(x), atol=1e-4)
+
+
+def test_stochastic_depth_keeps_efficientnets_residual_streams_prunable():
+    from compress.prune.graph import CHANNELWISE_FUNCTIONS, CHANNELWISE_MODULES
+
+    torch.manual_seed(0)
+    model = randomize_bn_(build("tv_efficientnet_b0")).eval()
+    graph = channel_graph(model, (3, 64, 64))
+    streams = [g for g in graph.groups if "features.2.0.block.3.0" in g.layers]
+    assert streams and streams[0].channels == 24  # stage 2's stream: 2 blocks and their adds
+    keep = select_channels(graph, "normal", 0.3, scope="layer")
+    small = thin(model, keep, (3, 64, 64)).eval()
+    assert small.features[2][0].block[3][0].out_channels < 24
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(small(x), _masked(model, graph, keep)(x), atol=1e-4)
+    assert torchvision.ops.StochasticDepth in CHANNELWISE_MODULES
+    assert torchvision.ops.stochastic_depth in CHANNELWISE_FUNCTIONS
+
+
+class _Scaled(nn.Module):
+    """A user's channel-wise op whose forward FX cannot trace (a data-dependent branch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.5 if x.sum() > 0 else x * 2.0
+
+
+@torch.fx.wrap
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5
+
+
+class _WithUserOps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.scaled, self.fc = _Scaled(), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.scaled(torch.relu(self.b1(self.c1(x))))
+        x = _halve(torch.relu(self.b2(self.c2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_registered_channelwise_op_keeps_its_channels_prunable(monkeypatch):
+    from compress.prune import graph as graph_module
+    from compress.prune import register_channelwise
+
+    def prunable(model):
+        try:
+            return {layer for g in channel_graph(model, SHAPE).groups for layer in g.layers}
+        except PruneError:
+            return set()
+
+    model = randomize_bn_(_WithUserOps()).eval()
+    assert prunable(model) == set()  # the module cannot be traced, so nothing can be pruned
+    monkeypatch.setattr(graph_module, "CHANNELWISE_MODULES", graph_module.CHANNELWISE_MODULES)
+    monkeypatch.setattr(
+        graph_module, "CHANNELWISE_FUNCTIONS", set(graph_module.CHANNELWISE_FUNCTIONS)
+    )
+    register_channelwise(_Scaled)
+    assert prunable(model) == {"c1"}
+    register_channelwise(_halve)
+    assert prunable(model) == {"c1", "c2"}
+    with pytest.raises(TypeError, match="takes an nn.Module subclass or a function, not 3"):
+        register_channelwise(3)

@@ -2,7 +2,13 @@
 slimming's BN scales, filter norms, Taylor, geometric median), channel selection, physical
 thinning, and the BN sparsity penalty."""
 
-from compress.prune.graph import ChannelGraph, Group, PruneError, apply_widths_
+from compress.prune.graph import (
+    ChannelGraph,
+    Group,
+    PruneError,
+    apply_widths_,
+    register_channelwise,
+)
 from compress.prune.importance import (
     IMPORTANCES,
     bn_scale_importance,
@@ -37,6 +43,7 @@ __all__ = [
     "l1_importance",
     "l2_importance",
     "mask_",
+    "register_channelwise",
     "regularize_bn_",
     "select_channels",
     "slimming_scales",

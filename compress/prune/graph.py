@@ -18,13 +18,14 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+import torchvision.ops
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -62,6 +63,9 @@ CHANNELWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
     nn.Upsample,
+    nn.AlphaDropout,
+    nn.Dropout1d,
+    torchvision.ops.StochasticDepth,
 )
 CHANNELWISE_FUNCTIONS: set[Any] = {
     torch.relu,
@@ -81,7 +85,10 @@ CHANNELWISE_FUNCTIONS: set[Any] = {
     F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d,
     F.interpolate,
+    torchvision.ops.stochastic_depth,  # one keep / drop per sample (or batch): all channels
 }
+
+
 CHANNELWISE_METHODS = {
     "relu",
     "relu_",
@@ -108,6 +115,25 @@ MIXING_OPS: set[Any] = {
 MIXING_METHODS = {"add", "add_", "sub", "mul", "mul_", "div"}
 FLATTENS: set[Any] = {torch.flatten}
 BNS = (nn.BatchNorm2d, nn.BatchNorm1d)
+
+
+def register_channelwise(op: type[nn.Module] | Callable[..., Any]) -> None:
+    """Declare a module type or a function that acts on each channel alone (its output has its
+    input's channels, each computed from that channel only: an activation, a per-sample drop
+    such as stochastic depth, a pooling), so that the channel graph follows channels through
+    it instead of freezing those it reads, as it does for ops it does not know. A function must
+    be one torch.fx records as a call rather than tracing through it (`torch.fx.wrap`, as
+    torchvision's stochastic_depth is)."""
+    global CHANNELWISE_MODULES
+    if isinstance(op, type) and issubclass(op, nn.Module):
+        if not issubclass(op, CHANNELWISE_MODULES):
+            CHANNELWISE_MODULES = (*CHANNELWISE_MODULES, op)
+    elif callable(op) and not isinstance(op, type):
+        CHANNELWISE_FUNCTIONS.add(op)
+    else:
+        raise TypeError(
+            f"register_channelwise takes an nn.Module subclass or a function, not {op!r}"
+        )
 
 
 # ---------------------------------------------------------------- tracing

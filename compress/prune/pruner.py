@@ -14,6 +14,7 @@ the threshold (or the fraction) until the thinned model has (1 - percent) of the
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from compress.errors import ConfigError
 from compress.metrics import count_macs
 from compress.prune.graph import ChannelGraph, Importance, PruneError, apply_widths_
 from compress.prune.importance import bn_scale_importance
+
+log = logging.getLogger(__name__)
 
 
 def validate(
@@ -117,9 +120,16 @@ def select_channels(
             "pruner=gc is for group-convolution models (nin_gc) and this model has "
             "none: use pruner=normal or pruner=regular"
         )
-    if kind != "gc" and grouped:
+    if kind == "normal" and grouped:  # what gc does: every cell of a group keeps one count
+        log.info(
+            "pruner=normal on a model with group convolutions: each group's channels are "
+            "removed evenly across its convolution groups (as pruner=gc does)"
+        )
+        kind = "gc"
+    if kind == "regular" and grouped:
         raise ConfigError(
-            f"pruner={kind} would break the group convolutions of this model: use pruner=gc"
+            "pruner=regular would break the group convolutions of this model (multiples of "
+            "pruner.base need not split evenly across them): use pruner=normal or pruner=gc"
         )
     if reference is not None and reference.layers != [tuple(g.layers) for g in graph.groups]:
         raise PruneError(
