@@ -23,6 +23,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             f"{m['percent']} of the {m['target']} removed"
         )
         print(f"channels {m['channels_before']} -> {m['channels']}")
+        fz = m["frozen_channels"]
+        why = "; ".join(f"{n} {reason}" for reason, n in fz["why"].items())
+        print(f"{fz['frozen']} of {fz['of']} channels frozen" + (f": {why}" if why else ""))
         print(
             f"params {m['params_before']} -> {m['params']} ({100 * m['params_ratio']:.1f}%), "
             f"MACs {m['macs_before']} -> {m['macs']} ({100 * m['macs_ratio']:.1f}%)"

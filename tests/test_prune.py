@@ -166,14 +166,16 @@ def test_untraceable_model_is_one_clear_message():
     with pytest.raises(PruneError, match=r"cannot trace Branchy: module 'gate' \(Gate\)"):
         channel_graph(Branchy(), SHAPE)
     # marked a leaf, the gate is a black box: the channels it reads are kept
-    with pytest.raises(PruneError, match="Branchy has no prunable channels"):
+    with pytest.raises(PruneError, match="Branchy has no prunable channels") as e:
         channel_graph(Branchy(), SHAPE, leaves=[Gate])
+    assert "read by an op the channel graph does not follow (Gate gate)" in str(e.value)
 
 
 def test_a_model_without_bn_has_nothing_to_prune():
     net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 10))
-    with pytest.raises(PruneError, match="has no prunable channels"):
+    with pytest.raises(PruneError, match="has no prunable channels: all 18 conv / linear") as e:
         channel_graph(net, SHAPE)
+    assert "8 no BatchNorm scales them (slimming ranks channels by BN scales)" in str(e.value)
 
 
 def test_pruned_checkpoint_round_trips_through_a_file(tmp_path):
@@ -229,6 +231,10 @@ def test_prune_cli_end_to_end_then_finetune(cli, tmp_path):
     assert m["dataset"] == "synthetic"  # the checkpoint's own data set by default
     assert all(c % 8 == 0 for c in m["channels"]) and m["params"] < m["params_before"]
     assert m["macs"] < m["macs_before"]
+    # vgg_small's classifier output is all that cannot go
+    reason = "the model's output (its width is the class count)"
+    assert m["frozen_channels"] == {"frozen": 10, "of": 234, "why": {reason: 10}}
+    assert f"10 of 234 channels frozen: 10 {reason}" in proc.stdout
     fine = tmp_path / "fine"
     proc = cli(
         "train.py", *TINY, "model=vgg_small", f"refine={pruned}/pruned.pt", f"hydra.run.dir={fine}"
@@ -587,3 +593,25 @@ def test_a_registered_channelwise_op_keeps_its_channels_prunable(monkeypatch):
     assert prunable(model) == {"c1", "c2"}
     with pytest.raises(TypeError, match="takes an nn.Module subclass or a function, not 3"):
         register_channelwise(3)
+
+
+def test_frozen_channels_are_counted_with_their_reasons():
+    from compress.prune.pruner import frozen_summary
+
+    graph = channel_graph(randomize_bn_(build("tv_resnet18")), SHAPE)
+    assert graph.frozen_channels() == (
+        10,
+        4810,
+        {"the model's output (its width is the class count)": 10},
+    )
+    # MobileNet-v3's squeeze-excitation hidden layers have no BN; everything frozen is counted
+    graph = channel_graph(build("tv_mobilenet_v3_small"), SHAPE)
+    frozen, total, why = graph.frozen_channels()
+    assert frozen == sum(why.values()) and total == sum(
+        len(v) for v in graph.walker.spaces.values()
+    )
+    assert why["no BatchNorm scales them (slimming ranks channels by BN scales)"] > 0
+    assert frozen_summary(graph).startswith(f"{frozen} of {total} channels frozen: ")
+    # ResNet-20's zero-padded shortcuts: the streams they join are kept whole
+    _, _, why = channel_graph(build("resnet20"), SHAPE).frozen_channels()
+    assert "the output of an op the channel graph does not follow (pad)" in why

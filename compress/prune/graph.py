@@ -199,11 +199,13 @@ class _Atoms:
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.frozen: list[bool] = []
+        self.why: list[str | None] = []  # of a frozen root: the first reason it was frozen
 
-    def new(self, n: int, frozen: bool = False) -> list[int]:
+    def new(self, n: int, frozen: bool = False, why: str | None = None) -> list[int]:
         start = len(self.parent)
         self.parent += range(start, start + n)
         self.frozen += [frozen] * n
+        self.why += [why if frozen else None] * n
         return list(range(start, start + n))
 
     def find(self, a: int) -> int:
@@ -216,11 +218,15 @@ class _Atoms:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
+            if not self.frozen[ra] and self.frozen[rb]:
+                self.why[ra] = self.why[rb]
             self.frozen[ra] = self.frozen[ra] or self.frozen[rb]
 
-    def freeze(self, atoms: Iterable[int]) -> None:
+    def freeze(self, atoms: Iterable[int], why: str) -> None:
         for a in atoms:
-            self.frozen[self.find(a)] = True
+            r = self.find(a)
+            if not self.frozen[r]:
+                self.frozen[r], self.why[r] = True, why
 
     def is_frozen(self, a: int) -> bool:
         return self.frozen[self.find(a)]
@@ -243,6 +249,16 @@ class Layer:
     name: str
     module: nn.Module
     inputs: list[int] | None = None  # conv / linear / BN input atoms (one per channel/feature)
+
+
+def _op_name(node: fx.Node, mods: dict[str, nn.Module]) -> str:
+    """An op in a few characters, for a reason: 'LayerNorm features.1', 'cumsum', '.mean()'."""
+    t = node.target
+    if node.op == "call_module":
+        return f"{type(mods[t]).__name__} {t}"
+    if node.op == "call_method":
+        return f".{t}()"
+    return getattr(t, "__name__", str(t))
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
@@ -306,21 +322,23 @@ class _Walker:
         fx.node.map_arg((node.args, node.kwargs), visit)
         return out
 
-    def _opaque(self, node: fx.Node) -> list[int] | None:
+    def _opaque(self, node: fx.Node, why: str | None = None) -> list[int] | None:
         """An op this graph does not know: its inputs' channels are frozen, its output is new."""
+        what = f"an op the channel graph does not follow ({_op_name(node, self.mods)})"
         if self.record:
             for lst in self._tensor_args(node):
-                self.atoms.freeze(lst)
-        return self._constant(node)
+                self.atoms.freeze(lst, why or f"read by {what}")
+        return self._constant(node, why or f"the output of {what}")
 
-    def _constant(self, node: fx.Node) -> list[int] | None:
+    def _constant(self, node: fx.Node, why: str | None = None) -> list[int] | None:
         """Frozen channels that come from outside the graph's layers (the input, a tensor
         attribute, an unknown op): the same atoms in both passes."""
         shape = _shape(node)
         if shape is None or len(shape) < 2:
             return None
         if self.record:
-            self.constants[node.name] = self.atoms.new(shape[1], frozen=True)
+            why = why or "the model input or a constant tensor"
+            self.constants[node.name] = self.atoms.new(shape[1], frozen=True, why=why)
         return list(self.constants[node.name])
 
     def _fresh(self, name: str, n: int) -> list[int]:
@@ -351,7 +369,8 @@ class _Walker:
         m, name = self.mods[node.target], str(node.target)
         x = self._arg(node.args[0]) if node.args else None
         if x is None or name in self.shared:  # a layer called twice: one width for both calls
-            return self._opaque(node)
+            why = "a layer called more than once" if name in self.shared else None
+            return self._opaque(node, why)
         if isinstance(m, nn.Conv2d):
             return self._conv(name, m, x)
         if isinstance(m, nn.Linear):
@@ -380,12 +399,13 @@ class _Walker:
             self.layers[name] = Layer(name, m, inputs=x)
             return x
         if g > 1 and m.in_channels == g:  # depthwise with a multiplier: kept whole
+            why = "a depthwise conv with a channel multiplier (kept whole)"
             if self.record:
-                self.atoms.freeze(x)
+                self.atoms.freeze(x, why)
             self.layers[name] = Layer(name, m, inputs=x)
             out = self._fresh(name, m.out_channels)
             if self.record:
-                self.atoms.freeze(out)
+                self.atoms.freeze(out, why)
             return out
         self.layers[name] = Layer(name, m, inputs=x)
         out = self._fresh(name, m.out_channels)
@@ -485,7 +505,7 @@ class _Walker:
                 self.lists[node] = self.function(node)
             elif node.op == "output" and self.record:
                 for lst in self._tensor_args(node):
-                    self.atoms.freeze(lst)
+                    self.atoms.freeze(lst, "the model's output (its width is the class count)")
 
 
 # ---------------------------------------------------------------- the graph
@@ -508,6 +528,19 @@ class ChannelGraph:
         self.groups = self._groups()
         self._macs: list[_MacLayer] | None = None
 
+    def frozen_channels(self) -> tuple[int, int, dict[str, int]]:
+        """(frozen, total, {reason: frozen count}) over the output channels of every conv and
+        linear layer: what no pruning of this graph can remove, and why."""
+        why: dict[str, int] = defaultdict(int)
+        total = 0
+        for lst in self.walker.spaces.values():
+            total += len(lst)
+            for a in lst:
+                r = self.atoms.find(a)
+                if self.atoms.frozen[r]:
+                    why[self.atoms.why[r] or "unknown"] += 1
+        return sum(why.values()), total, dict(sorted(why.items(), key=lambda kv: -kv[1]))
+
     def _groups(self) -> list[Group]:
         w, atoms = self.walker, self.atoms
         # Slimming ranks channels by BN scales: a space without a BN on its channels is kept.
@@ -518,7 +551,7 @@ class ChannelGraph:
                     scaled[atoms.find(a)].append((layer.name, ch))
         for lst in w.spaces.values():
             if any(atoms.find(a) not in scaled for a in lst):
-                atoms.freeze(lst)
+                atoms.freeze(lst, "no BatchNorm scales them (slimming ranks channels by BN scales)")
         # A space with a frozen channel is kept whole; repeat until nothing changes.
         changed = True
         while changed:
@@ -526,7 +559,8 @@ class ChannelGraph:
             for lst in w.spaces.values():
                 frozen = [atoms.is_frozen(a) for a in lst]
                 if any(frozen) and not all(frozen):
-                    atoms.freeze(lst)
+                    first = atoms.why[atoms.find(lst[frozen.index(True)])]
+                    atoms.freeze(lst, f"in a layer output with frozen channels ({first})")
                     changed = True
         # Group classes by the set of producing layers.
         owners: dict[int, list[str]] = defaultdict(list)
@@ -564,13 +598,15 @@ class ChannelGraph:
         kept_groups = []
         for g in groups:
             if g.index in bad:
+                atoms.freeze(g.classes, "a grouped conv reads channels of several groups")
                 continue
             cell_of: dict[tuple[int, ...], list[int]] = {}
             for i, r in enumerate(g.classes):
                 cell_of.setdefault(tuple(keys[r]), []).append(i)
             cells = [torch.tensor(v) for v in cell_of.values()]
-            if len({len(c) for c in cells}) != 1:
-                continue  # uneven groups cannot be pruned evenly
+            if len({len(c) for c in cells}) != 1:  # uneven groups cannot be pruned evenly
+                atoms.freeze(g.classes, "its convolution groups hold unequal channel counts")
+                continue
             g.cells = cells
             kept_groups.append(g)
         for i, g in enumerate(kept_groups):

@@ -53,12 +53,23 @@ def channel_graph(
     graph = ChannelGraph(model, example_input(model, image_shape), leaves)
     if not graph.groups:
         name = getattr(model, "arch", {}).get("name", type(model).__name__)
+        _, total, why = graph.frozen_channels()
+        reasons = "; ".join(f"{n} {reason}" for reason, n in list(why.items())[:3])
         raise PruneError(
-            f"model {name} has no prunable channels: every conv output is either read by an "
-            "op the channel graph does not know, or not scaled by a BatchNorm (network slimming "
-            "ranks channels by BN scales)"
+            f"model {name} has no prunable channels: all {total} conv / linear output channels "
+            f"are frozen ({reasons})"
         )
     return graph
+
+
+def frozen_summary(graph: ChannelGraph) -> str:
+    """'N of M channels frozen: n1 reason1; n2 reason2' (or that none is)."""
+    frozen, total, why = graph.frozen_channels()
+    if not frozen:
+        return f"0 of {total} channels frozen"
+    return f"{frozen} of {total} channels frozen: " + "; ".join(
+        f"{n} {reason}" for reason, n in why.items()
+    )
 
 
 def has_group_convs(model: nn.Module) -> bool:

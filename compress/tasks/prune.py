@@ -102,6 +102,7 @@ def run(
     data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
     device = resolve_device(cfg.get("device", "cpu"))
     graph = channel_graph(model, data.image_shape)
+    frozen, total, why = graph.frozen_channels()
     ref = None
     if reference is not None:
         original = model_from_checkpoint(load_checkpoint(reference))
@@ -140,6 +141,7 @@ def run(
         "base": p["base"],
         "min_ratio": p["min_ratio"],
         "channels_before": [g.channels for g in graph.groups],
+        "frozen_channels": {"frozen": frozen, "of": total, "why": why},
         "channels": [len(k) for k in keep],
         "test_acc_before": accs["before"],
         "test_acc": accs["after"],
