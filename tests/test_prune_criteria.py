@@ -599,9 +599,7 @@ def test_the_mac_count_of_grouped_convs_is_count_macs():
     torch.manual_seed(0)
     model = randomize_bn_(create_model("nin_gc"))
     graph = channel_graph(model, SHAPE)
-    assert any(
-        isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels for m in model.modules()
-    )
+    assert any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels for m in model.modules())
     keep = select_channels(graph, "gc", 0.4)
     removed = count_macs(model, SHAPE) - count_macs(thin(model, keep, SHAPE), SHAPE)
     assert removed > 0 and graph.macs_removed(keep) == removed
@@ -655,3 +653,45 @@ def test_a_mac_target_between_two_coarse_levels_takes_the_nearer():
         assert got in (full, low) and abs(got - goal) <= abs(full + low - got - goal), i
         chosen.add(got)
     assert chosen == {full, low}
+
+
+class _NoBN(nn.Module):
+    """No BatchNorm anywhere, a bias on every layer, and a squeeze-excitation-like gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.head = nn.Linear(16 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.relu(self.c2(x))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        x = F.adaptive_avg_pool2d(x * gate, 2)
+        return self.head(x.flatten(1))
+
+
+def test_magnitude_criteria_prune_a_model_without_batchnorm():
+    import sys
+
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from zoo import columns_zeroed
+
+    torch.manual_seed(0)
+    model = _NoBN().eval()
+    with pytest.raises(PruneError, match="no BatchNorm scales them"):
+        channel_graph(model, SHAPE)  # what bn_scale and taylor rank is not there
+    graph = channel_graph(model, SHAPE, require_bn=False)
+    assert {layer for g in graph.groups for layer in g.layers} >= {"c1", "c2", "fc1"}
+    keep = select_channels(graph, percent=0.5, importance=l1_importance, scope="layer")
+    small = thin(model, keep, SHAPE, require_bn=False).eval()
+    assert (small.c1.out_channels, small.c2.out_channels, small.fc1.out_channels) == (8, 8, 4)
+    assert small.head.in_features == 8 * 4  # the flatten follows the kept channels
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():  # deleting channels == zeroing what reads them (biases and all)
+        assert torch.allclose(small(x), columns_zeroed(model, graph, keep)(x), atol=1e-5)
+    assert prune_task.needs_bn("bn_scale") and prune_task.needs_bn("taylor")
+    assert not any(prune_task.needs_bn(c) for c in ("l1", "l2", "fpgm"))

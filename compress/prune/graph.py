@@ -510,15 +510,20 @@ class _Walker:
 
 # ---------------------------------------------------------------- the graph
 class ChannelGraph:
-    """The coupled channel groups of `model` for input shape `example.shape`."""
+    """The coupled channel groups of `model` for input shape `example.shape`. `require_bn`:
+    only channels a BatchNorm scales are prunable (network slimming and Taylor rank BN scales
+    or outputs); without it the filter-magnitude criteria rank any channel (a BN-free model, a
+    squeeze-excitation hidden layer)."""
 
     def __init__(
         self,
         model: nn.Module,
         example: torch.Tensor,
         leaves: Sequence[type[nn.Module]] = (),
+        require_bn: bool = True,
     ) -> None:
         self.model = model
+        self.require_bn = require_bn
         self.gm = trace(model, example, leaves)
         self.atoms = _Atoms()
         walker = _Walker(self.gm, self.atoms, None)
@@ -550,7 +555,7 @@ class ChannelGraph:
                 for ch, a in enumerate(layer.inputs or []):
                     scaled[atoms.find(a)].append((layer.name, ch))
         for lst in w.spaces.values():
-            if any(atoms.find(a) not in scaled for a in lst):
+            if self.require_bn and any(atoms.find(a) not in scaled for a in lst):
                 atoms.freeze(lst, "no BatchNorm scales them (slimming ranks channels by BN scales)")
         # A space with a frozen channel is kept whole; repeat until nothing changes.
         changed = True

@@ -47,10 +47,14 @@ def example_input(model: nn.Module, image_shape: Sequence[int]) -> torch.Tensor:
 
 
 def channel_graph(
-    model: nn.Module, image_shape: Sequence[int], leaves: Sequence[type[nn.Module]] = ()
+    model: nn.Module,
+    image_shape: Sequence[int],
+    leaves: Sequence[type[nn.Module]] = (),
+    require_bn: bool = True,
 ) -> ChannelGraph:
-    """The coupled channel groups of `model` for inputs of shape (C, H, W)."""
-    graph = ChannelGraph(model, example_input(model, image_shape), leaves)
+    """The coupled channel groups of `model` for inputs of shape (C, H, W); `require_bn`: only
+    BN-scaled channels (see ChannelGraph; `needs_bn(importance)` says which criteria)."""
+    graph = ChannelGraph(model, example_input(model, image_shape), leaves, require_bn)
     if not graph.groups:
         name = getattr(model, "arch", {}).get("name", type(model).__name__)
         _, total, why = graph.frozen_channels()
@@ -60,6 +64,12 @@ def channel_graph(
             f"are frozen ({reasons})"
         )
     return graph
+
+
+def needs_bn(importance: str) -> bool:
+    """Whether `pruner.importance=importance` ranks BN scales or BN outputs (bn_scale, taylor):
+    then only BN-scaled channels are prunable."""
+    return importance in ("bn_scale", "taylor")
 
 
 def frozen_summary(graph: ChannelGraph) -> str:
@@ -278,13 +288,15 @@ def thin(
     keep: Sequence[torch.Tensor],
     image_shape: Sequence[int],
     leaves: Sequence[type[nn.Module]] = (),
+    require_bn: bool = True,
 ) -> nn.Module:
-    """A new, smaller model holding only the kept channels of `model`.
+    """A new, smaller model holding only the kept channels of `model` (`keep`: per group of the
+    graph built with the same `leaves` and `require_bn`).
 
     Its `pruned_widths` (layer name -> new width) are what a checkpoint stores to rebuild it.
     """
     small = copy.deepcopy(model)
-    widths = channel_graph(small, image_shape, leaves).thin_(keep)
+    widths = channel_graph(small, image_shape, leaves, require_bn).thin_(keep)
     small.pruned_widths = {**getattr(model, "pruned_widths", {}), **widths}
     return small.train(model.training)
 

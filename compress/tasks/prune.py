@@ -21,6 +21,7 @@ from compress.data import TensorLoader
 from compress.engine import evaluate
 from compress.errors import ConfigError
 from compress.prune import Reference, build_importance, channel_graph, select_channels, thin
+from compress.prune.pruner import needs_bn
 from compress.spec import arch_name, checkpoint_state, model_from_checkpoint, model_overrides
 from compress.tasks.common import (
     eval_loader,
@@ -101,12 +102,13 @@ def run(
     model = model_from_checkpoint(state)  # as trained: quantized layers and learned clips
     data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
     device = resolve_device(cfg.get("device", "cpu"))
-    graph = channel_graph(model, data.image_shape)
+    bn = needs_bn(p["importance"])
+    graph = channel_graph(model, data.image_shape, require_bn=bn)
     frozen, total, why = graph.frozen_channels()
     ref = None
     if reference is not None:
         original = model_from_checkpoint(load_checkpoint(reference))
-        ref = Reference.of(channel_graph(original, data.image_shape))
+        ref = Reference.of(channel_graph(original, data.image_shape, require_bn=bn))
     has_train = len(data.train) > 0
     batches = TrainBatches(data, cfg, p["batches"], device) if has_train else None
     # scored on the device (taylor runs the model), selected and thinned on the CPU
@@ -124,7 +126,7 @@ def run(
         min_ratio=p["min_ratio"],
         reference=ref,
     )
-    small = thin(model, keep, data.image_shape)
+    small = thin(model, keep, data.image_shape, require_bn=bn)
     before, after = model_metrics(model, data), model_metrics(small, data)
     accs = {}
     for tag, m in (("before", model), ("after", small)):
