@@ -50,6 +50,29 @@ BUILD_KW = {
     "googlenet": {"aux_logits": False, "init_weights": False},
 }
 PERCENT = 0.4
+DEFAULT_OUT = ROOT / "bench" / "results" / "zoo"
+DOC_HEAD = """# The torchvision zoo
+
+[README](../README.md) > the torchvision zoo.
+
+Each torchvision classifier (random weights, BN statistics randomized, 10 classes) through
+every stage, by `python bench/zoo.py` (this page is its output; tests/test_zoo.py checks a
+sample of it in `make test-slow`, `COMPRESS_ZOO=all` every model):
+
+- **after 40%**: parameters left when each layer loses 40% of its prunable channels by filter
+  L1 norm (`pruner.importance=l1 pruner.scope=layer`, at least 10% kept); **frozen**: the share
+  of conv / linear output channels no pruning can remove (`prune.py` prints why);
+  **thinned vs masked**: the largest logit difference between the thinned model and the
+  original with the removed channels' input columns zeroed in their readers, relative to the
+  largest logit (float rounding when the thinning is exact).
+- **quantized layers / float inputs / max levels**: 4-bit LSQ weights and activations with
+  `quant.act.sites=inputs`: how many layers are quantized, how many still read a float input,
+  and the most distinct values any quantized layer's input held in one forward pass (a 4-bit
+  grid has 16).
+- **fused vs unfused**: BN folding; **ORT vs PyTorch**: the float model exported to ONNX and run
+  in ONNX Runtime. Both relative to the largest logit.
+
+"""
 LSQ4 = {"kind": "lsq", "bits": 4}
 
 
@@ -222,7 +245,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", help="default: every torchvision classifier")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "zoo"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench/zoo.py\n\n"
     )
     out.with_suffix(".md").write_text(meta + table(rows))
+    if out == DEFAULT_OUT:  # the docs page shows the committed run
+        (ROOT / "docs" / "zoo.md").write_text(DOC_HEAD + meta + table(rows))
     return 0
 
 

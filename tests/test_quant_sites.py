@@ -246,3 +246,16 @@ def test_training_reports_and_warns_about_float_inputs(entry, tmp_path, caplog):
     m = json.loads((tmp_path / "in" / "metrics.json").read_text())
     assert m["kbit_input_layers"] == 7 and m["float_input_layers"] == {}
     assert "read float inputs" not in caplog.text
+
+
+def test_a_packed_file_keeps_the_input_quantizers():
+    from compress.pack import pack_model, unpack_model
+
+    model = create_model("resnet9", width=8)
+    quantize_(model, quant())
+    warmed(model, (3, 32, 32))
+    back = unpack_model(pack_model(model)).eval()
+    assert isinstance(back.get_submodule("5.0").input_quant, LSQAct)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
