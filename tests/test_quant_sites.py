@@ -259,3 +259,16 @@ def test_a_packed_file_keeps_the_input_quantizers():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
+
+
+def test_weight_only_quantization_reports_no_input_coverage(entry, tmp_path, caplog):
+    import json
+
+    args = ("model=resnet9", "model.width=8", "dataset=synthetic", "dataset.num_train=32")
+    args += ("dataset.num_test=16", "schedule.epochs=1", "schedule.batch_size=16")
+    args += ("schedule.progress=false", "device=cpu", "quant=wta32")
+    with caplog.at_level(logging.WARNING, logger="compress.tasks.train"):
+        code, _, err = entry("train", *args, run_dir=tmp_path)
+    assert code == 0, err
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert "kbit_input_layers" not in m and "read float inputs" not in caplog.text

@@ -159,7 +159,9 @@ def _run(
     inputs = None
     if is_quantized(quant_cfg):
         quantize_(model, quant_cfg)
-        inputs = input_report(model)
+        # weight-only quantization (wba32, wta32) reads float inputs by design
+        if (quant_cfg.get("act") or {}).get("kind", "fp32") != "fp32":
+            inputs = input_report(model)
         if inputs and inputs["float_inputs"] and dist.is_main:
             log_float_inputs(inputs, quant_cfg)
     if quant_cfg.get("freeze_bn_epoch"):
