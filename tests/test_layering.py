@@ -21,6 +21,7 @@ LAYERS = {
     "compress.models": 1,
     "compress.data": 1,
     "compress.metrics": 1,
+    "compress.detection": 1,  # its metric so far; the detection task will sit higher
     "compress.distributed": 1,
     "compress.quant": 2,
     "compress.distill": 2,
