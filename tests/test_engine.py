@@ -305,3 +305,39 @@ def test_no_grad_scaler_outside_fp16(precision):
             warnings.simplefilter("always")
             torch.amp.GradScaler(enabled=True)
         assert [w for w in caught if "GradScaler" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW)]
+)
+def test_the_adam_optimizers_are_the_ones_named(name, cls):
+    opt = engine.build_optimizer(torch.nn.Linear(2, 2), TrainConfig(optimizer=name, lr=0.01))
+    assert type(opt) is cls
+
+
+def test_non_finite_weights_name_the_first_and_count_the_rest():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+        model[0].bias[0] = float("inf")
+        model[1].weight[1, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite \(0.weight and 2 more\); lower"):
+        engine.check_finite_weights(model)
+
+
+def test_fit_flips_training_images_by_default_and_times_its_epochs(tmp_path, monkeypatch):
+    import time
+
+    seen = {}
+    real = engine.make_loaders
+
+    def recording(*args, **kwargs):
+        seen["flip"] = kwargs["flip"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "make_loaders", recording)
+    t0 = time.perf_counter()
+    summary = _plain_fit(tmp_path, epochs=2)
+    took = time.perf_counter() - t0
+    assert seen["flip"] is True
+    assert 0 < summary["wall_s"] <= took  # the epochs' own time, within the call's

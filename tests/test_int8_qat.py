@@ -359,3 +359,26 @@ def test_resumed_past_the_freeze_equals_uninterrupted(tmp_path, monkeypatch):
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "broken" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_zero_point_rounds_to_the_nearest_code():
+    from compress.quant.int8 import act_qparams
+
+    # lo / scale = -73.2: the nearest code is 73 (flooring would give 74)
+    lo, hi = torch.tensor(-73.2 / 255), torch.tensor(1 - 73.2 / 255)
+    scale, zp = act_qparams(lo, hi)
+    assert scale.item() == pytest.approx(1 / 255) and zp.item() == 73
+    assert act_qparams(torch.tensor(-76.8 / 255), torch.tensor(1 - 76.8 / 255))[1].item() == 77
+
+
+def test_freezing_counts_and_touches_only_batchnorms():
+    from compress.quant.int8 import freeze_bn_
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4)
+    ).train()
+    assert freeze_bn_(model) == 2
+    assert model[0].training and model[2].training  # conv and ReLU stay as they were
+    assert not model[1].training and model[1].momentum == 0.0
+    assert not hasattr(model[0], "bn_frozen")
+    assert freeze_bn_(model) == 0  # idempotent

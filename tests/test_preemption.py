@@ -172,7 +172,7 @@ def test_checkpoint_every_then_ctrl_c_resumes_to_the_same_run(
     [(signal.SIGTERM, 7, 2, 3), (signal.SIGUSR1, 4, 1, 4)],  # 4: before the epoch's evaluation
 )
 def test_a_signal_saves_at_the_next_step_and_the_resume_is_the_same_run(
-    signum, step, epoch, in_epoch, uninterrupted, tmp_path, monkeypatch, capsys
+    signum, step, epoch, in_epoch, uninterrupted, tmp_path, monkeypatch, capsys, caplog
 ):
     """No checkpoint_every: the signal alone saves, at the end of the step it arrived in, and
     the run exits with 128 + its number after one line saying how to continue."""
@@ -192,12 +192,14 @@ def test_a_signal_saves_at_the_next_step_and_the_resume_is_the_same_run(
     assert (state["epoch"], state["step"]) == (epoch - 1, in_epoch)
     assert not (run / "metrics.json").exists()
 
-    assert train_in_process(run, *RUN, "resume=true") == 0
+    with caplog.at_level("INFO", logger="compress.engine"):
+        assert train_in_process(run, *RUN, "resume=true") == 0
+    assert f"resuming at step {in_epoch}/4 of epoch {epoch} of 2" in caplog.text
     assert_same_run(uninterrupted, run)
 
 
 def test_a_signal_during_evaluation_stops_after_the_epoch_is_saved(
-    uninterrupted, tmp_path, monkeypatch
+    uninterrupted, tmp_path, monkeypatch, capsys
 ):
     run = tmp_path / "run"
     real = engine.evaluate
@@ -213,6 +215,7 @@ def test_a_signal_during_evaluation_stops_after_the_epoch_is_saved(
     monkeypatch.setattr(engine, "evaluate", evaluate_then_signal)
     assert train_in_process(run, *RUN) == 128 + signal.SIGTERM
     monkeypatch.undo()
+    assert f"the run is saved after epoch 1 in {run / 'last.pt'}" in capsys.readouterr().err
     state = load_checkpoint(run / "last.pt")
     assert state["epoch"] == 1 and "step" not in state
     assert train_in_process(run, *RUN, "resume=true") == 0

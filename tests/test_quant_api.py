@@ -214,3 +214,17 @@ def test_pact_activation_learns_its_clip_and_is_labelled():
 def test_pact_bad_input(act, match):
     with pytest.raises(ConfigError, match=match):
         quantize_(create_model("resnet20"), {"act": act})
+
+
+def test_labels_compare_kinds_by_value():
+    from compress.quant.api import quant_label
+
+    # kinds read from a YAML file or built at run time are equal strings, not the same object
+    int8, lsq = "".join(["in", "t8"]), "".join(["ls", "q"])
+    assert (
+        quant_label({"weight": {"kind": int8}, "act": {"kind": "".join(["in", "t8"])}})
+        == "int8_qat"
+    )
+    same = {"weight": {"kind": lsq, "bits": 4}, "act": {"kind": "".join(["ls", "q"]), "bits": 4}}
+    assert quant_label(same) == "w4a4l"
+    assert quant_label({"weight": {"kind": "ternary"}, "act": {"kind": "ternary"}}) == "wtat"

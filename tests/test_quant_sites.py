@@ -272,3 +272,17 @@ def test_weight_only_quantization_reports_no_input_coverage(entry, tmp_path, cap
     assert code == 0, err
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert "kbit_input_layers" not in m and "read float inputs" not in caplog.text
+
+
+def test_sites_apply_to_every_quantized_activation_kind_and_not_to_fp32():
+    dorefa = quantize_(Branches(), quant("dorefa", weight="dorefa"))
+    assert dorefa.gate.input_quant.kind == "dorefa"  # unsigned: DoReFa's own [0, 1]
+    assert isinstance(dorefa.a.input_quant, LSQAct) and dorefa.a.input_quant.signed
+    binary = quantize_(
+        Branches(), {"weight": {"kind": "binary"}, "act": {"kind": "binary", "sites": "inputs"}}
+    )
+    assert binary.a.input_quant.kind == "binary"  # sign(x): signed by nature
+    plain = quantize_(
+        Branches(), {"weight": {"kind": "binary"}, "act": {"kind": "fp32", "sites": "inputs"}}
+    )
+    assert not any(m._modules.get("input_quant") for m in plain.modules())
