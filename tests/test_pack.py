@@ -423,3 +423,12 @@ def test_a_dorefa_layer_of_zero_weights_round_trips(bits):
         layer.weight.zero_()
     assert layer.quantized_weight().abs().max() < 1
     assert_round_trip(model, pack_model(model))
+
+
+def test_a_packed_layer_of_another_kind_than_the_rebuilt_one_is_refused():
+    model = quantized("resnet20", {"kind": "dorefa", "bits": 4}, {"kind": "dorefa", "bits": 4})
+    state = pack_model(model)
+    name = next(iter(state["packed"]))
+    state["packed"][name]["kind"] = "ternary"
+    with pytest.raises(CheckpointError, match=rf"packed layer {name} \(ternary\) does not fit"):
+        unpack_model(state)

@@ -286,3 +286,34 @@ def test_sites_apply_to_every_quantized_activation_kind_and_not_to_fp32():
         Branches(), {"weight": {"kind": "binary"}, "act": {"kind": "fp32", "sites": "inputs"}}
     )
     assert not any(m._modules.get("input_quant") for m in plain.modules())
+
+
+class _BNAfterHardswish(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.hs, self.relu, self.fc = nn.Hardswish(), nn.ReLU(), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.hs(self.b1(self.c1(x)))
+        x = self.relu(self.b2(self.c2(x)))  # c2 reads a Hardswish: an input quantizer
+        x = self.relu(self.b3(self.c3(x)))  # c3 reads a quantized ReLU site: none needed
+        return self.fc(x.mean((2, 3)))
+
+
+def test_folding_a_bn_keeps_the_input_quantizer_of_its_conv():
+    torch.manual_seed(0)
+    model = warmed(quantize_(_BNAfterHardswish(), quant()), (3, 8, 8))
+    with torch.no_grad():
+        for bn in (model.b1, model.b2, model.b3):
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+        fuse_bn_(model)
+        assert type(model.c2) is QConv2d and isinstance(model.c2.input_quant, LSQAct)
+        assert model.c2.weight_bits == 32  # the folded weight is float, its input quantized
+        assert type(model.c3) is nn.Conv2d  # no input quantizer: a plain float conv
+        assert torch.allclose(model(x), want, atol=1e-5)

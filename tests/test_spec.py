@@ -168,3 +168,28 @@ def test_a_model_not_built_by_the_zoo_has_no_spec():
         CheckpointError, match="Linear was not built by compress.models.create_model"
     ):
         model_spec(nn.Linear(2, 2))
+
+
+def test_a_quantized_checkpoint_rebuilds_quantized_or_float_as_asked():
+    from compress.fuse import fuse_bn_
+    from compress.quant import QConv2d, quantize_
+    from compress.quant.quantizers import DoReFaAct
+
+    model = quantize_(
+        create_model("resnet20", channels=[4] * 9),
+        {"weight": {"kind": "dorefa", "bits": 4}, "act": {"kind": "dorefa", "bits": 4}},
+    )
+    state = checkpoint_state(model)
+    assert any(isinstance(m, QConv2d) for m in model_from_checkpoint(state).modules())
+    plain = model_from_checkpoint(state, quantized=False)
+    assert not any(isinstance(m, QConv2d | DoReFaAct) for m in plain.modules())
+    fuse_bn_(model.eval())  # a fused checkpoint is rebuilt as it was fused, whatever is asked
+    fused = model_from_checkpoint(checkpoint_state(model), quantized=False)
+    assert fused.fused and any(isinstance(m, DoReFaAct) for m in fused.modules())
+
+
+def test_a_head_reading_fewer_features_is_no_head_change_either():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 10))
+    sd = {**model.state_dict(), "1.weight": torch.zeros(2, 3), "1.bias": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"mis-shaped 1.weight \(file 2x3, model 10x4\)"):
+        load_state_dict_(model, sd, "f.pt")
