@@ -62,7 +62,7 @@ sample of it in `make test-slow`, `COMPRESS_ZOO=all` every model):
 - **after 40%**: parameters left when each layer loses 40% of its prunable channels by filter
   L1 norm (`pruner.importance=l1 pruner.scope=layer`, at least 10% kept); **frozen**: the share
   of conv / linear output channels no pruning can remove (`prune.py` prints why);
-  **thinned vs masked**: the largest logit difference between the thinned model and the
+  **thinned vs reference**: the largest logit difference between the thinned model and the
   original with the removed channels' input columns zeroed in their readers, relative to the
   largest logit (float rounding when the thinning is exact).
 - **quantized layers / float inputs / max levels**: 4-bit LSQ weights and activations with
@@ -221,7 +221,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str = "{:.1e}") -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| model | input | params | after 40% (l1, per layer) | frozen | thinned vs masked | "
+        "| model | input | params | after 40% (l1, per layer) | frozen | thinned vs reference | "
         "quantized layers | float inputs | max levels (<= 16) | fused vs unfused | "
         "ORT vs PyTorch |\n|---|---:|---:|---:|---:|---|---:|---:|---:|---|---|\n"
     )
