@@ -616,3 +616,26 @@ def test_frozen_channels_are_counted_with_their_reasons():
     # ResNet-20's zero-padded shortcuts: the streams they join are kept whole
     _, _, why = channel_graph(build("resnet20"), SHAPE).frozen_channels()
     assert "the output of an op the channel graph does not follow (pad)" in why
+
+
+def test_only_grouped_convs_that_are_not_depthwise_count_as_group_convolutions(caplog):
+    from compress.prune.pruner import has_group_convs
+
+    # 512 channels: above the small ints CPython caches, so identity is not equality there
+    depthwise = nn.Sequential(nn.Conv2d(3, 512, 1), nn.Conv2d(512, 512, 3, groups=512))
+    assert not has_group_convs(depthwise)
+    assert has_group_convs(nn.Sequential(nn.Conv2d(3, 512, 1), nn.Conv2d(512, 512, 3, groups=2)))
+    graph = channel_graph(randomize_bn_(create_model("nin_gc")), SHAPE)
+    with caplog.at_level("INFO", logger="compress.prune.pruner"):
+        select_channels(graph, "gc", 0.3)
+    assert "as pruner=gc does" not in caplog.text  # said only when normal was asked
+
+
+def test_a_reference_of_other_groups_is_refused_either_way():
+    from compress.prune import Reference
+
+    a = channel_graph(randomize_bn_(create_model("vgg_small")), SHAPE)
+    b = channel_graph(randomize_bn_(create_model("nin")), SHAPE)
+    for graph, other in ((a, b), (b, a)):  # whichever sorts first
+        with pytest.raises(PruneError, match="the reference model's channel groups differ"):
+            select_channels(graph, "normal", 0.3, reference=Reference.of(other))

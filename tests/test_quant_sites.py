@@ -317,3 +317,19 @@ def test_folding_a_bn_keeps_the_input_quantizer_of_its_conv():
         assert model.c2.weight_bits == 32  # the folded weight is float, its input quantized
         assert type(model.c3) is nn.Conv2d  # no input quantizer: a plain float conv
         assert torch.allclose(model(x), want, atol=1e-5)
+
+
+def test_a_multi_line_trace_error_is_quoted_by_its_first_line():
+    class Picky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            if isinstance(x, torch.fx.Proxy):
+                raise TypeError("what went wrong\n  where it went wrong\n  more detail")
+            return self.fc(self.c2(self.c1(x)).mean((2, 3)))
+
+    with pytest.raises(ConfigError) as e:
+        quantize_(Picky(), quant())
+    assert "cannot trace Picky (what went wrong), so" in str(e.value)
