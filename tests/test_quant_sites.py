@@ -333,3 +333,47 @@ def test_a_multi_line_trace_error_is_quoted_by_its_first_line():
     with pytest.raises(ConfigError) as e:
         quantize_(Picky(), quant())
     assert "cannot trace Picky (what went wrong), so" in str(e.value)
+
+
+class _Joins(nn.Module):
+    """Concatenations of one quantizer's outputs and of two quantizers', a flatten, a sigmoid
+    module, and (with keep_first_last=false) the image itself as a quantized layer's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = (
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 1),
+            nn.Conv2d(4, 4, 1),
+        )
+        self.r1, self.r2, self.sig = nn.ReLU(), nn.ReLU(), nn.Sigmoid()
+        self.same, self.mixed, self.gated = (
+            nn.Conv2d(8, 4, 1),
+            nn.Conv2d(8, 4, 1),
+            nn.Conv2d(4, 4, 1),
+        )
+        self.pool = nn.MaxPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(4 * 4 * 4, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        a = self.r1(self.c1(x))
+        same = self.same(torch.cat([a, a], 1))  # one grid
+        b = self.r2(self.c2(same))
+        mixed = self.mixed(torch.cat([a, b], 1))  # two grids
+        g = self.gated(self.sig(self.c3(mixed)))
+        return self.fc2(self.fc1(torch.flatten(self.pool(self.r1(g)), 1)))
+
+
+def test_joins_flattens_and_the_image_are_judged_as_they_are():
+    model = quantize_(_Joins(), {**quant(sites="relu"), "keep_first_last": False})
+    floats = input_report(model)["float_inputs"]
+    assert floats["c1"] == "the model input"
+    assert floats["mixed"] == "a concatenation of tensors on different grids"
+    assert "same" not in floats and "fc1" not in floats  # one grid; a max pool and a flatten
+    assert floats["gated"] == "a Sigmoid output (sig)"
+    model = quantize_(_Joins(), {**quant(), "keep_first_last": False})
+    assert input_report(model)["float_inputs"] == {}
+    assert model.c1.input_quant.signed  # a normalized image can be negative
+    assert not model.gated.input_quant.signed  # a sigmoid cannot
+    assert not model.mixed.input_quant.signed  # two ReLU outputs, joined
+    assert max(levels_read(warmed(model, (3, 8, 8)), torch.randn(2, 3, 8, 8)).values()) <= 16
