@@ -578,3 +578,35 @@ def test_the_values_a_qdq_act_saturates_at_on_either_side():
     assert _value_range(q, "out") == ((0 - 3) * 0.25, (255 - 3) * 0.25)
     signed = QDQAct(0.1, -5, -8, 7, dtype=torch.int8)
     assert _value_range(signed, "in") == pytest.approx(((-8 + 5) * 0.1, (7 + 5) * 0.1))
+
+
+class _TwiceCalled(nn.Module):
+    """One quantized conv applied twice, between ReLU sites, and a max pool called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.r1, self.r2, self.r3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.once = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.r1(self.stem(x))
+        x = self.r2(self.shared(x))
+        x = self.pool(self.r3(self.shared(x)))
+        x = self.once(self.pool(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_layer_called_twice_keeps_its_float_form():
+    torch.manual_seed(0)
+    model = quantize_(_TwiceCalled(), W4A4P).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 16, 16))
+    qdq, report = to_qdq(model.eval())
+    assert report.float_layers["shared"] == "shared by several calls"
+    assert "shared" not in report.integer_layers and isinstance(qdq.shared, QConv2d)
+    got = check_exact(model, qdq, torch.randn(8, 3, 16, 16))
+    assert got["top1_agreement"] >= 80.0
