@@ -199,3 +199,13 @@ def test_slurm_recipe_composes_with_the_submitit_launcher():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 600)
     assert cfg.hydra.callbacks.report._target_ == "compress.report.SweepReport"
+
+
+def test_integral_floats_are_shown_as_ints_up_to_1e15():
+    from compress.config import _shown
+
+    assert _shown(999999999999999.0) == 999999999999999 and isinstance(
+        _shown(999999999999999.0), int
+    )
+    assert isinstance(_shown(1e15), float)  # from there on a float is shown as one
+    assert _shown(-3.0) == -3 and _shown(2.5) == 2.5 and _shown("x") == "x"

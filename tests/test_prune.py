@@ -622,7 +622,9 @@ def test_only_grouped_convs_that_are_not_depthwise_count_as_group_convolutions(c
     from compress.prune.pruner import has_group_convs
 
     # 512 channels: above the small ints CPython caches, so identity is not equality there
-    depthwise = nn.Sequential(nn.Conv2d(3, 512, 1), nn.Conv2d(512, 512, 3, groups=512))
+    n, g = int("512"), int("512")  # equal ints, distinct objects (one literal would be one)
+    depthwise = nn.Sequential(nn.Conv2d(3, n, 1), nn.Conv2d(n, n, 3, groups=g))
+    assert depthwise[1].groups is not depthwise[1].in_channels
     assert not has_group_convs(depthwise)
     assert has_group_convs(nn.Sequential(nn.Conv2d(3, 512, 1), nn.Conv2d(512, 512, 3, groups=2)))
     graph = channel_graph(randomize_bn_(create_model("nin_gc")), SHAPE)

@@ -610,3 +610,29 @@ def test_a_layer_called_twice_keeps_its_float_form():
     assert "shared" not in report.integer_layers and isinstance(qdq.shared, QConv2d)
     got = check_exact(model, qdq, torch.randn(8, 3, 16, 16))
     assert got["top1_agreement"] >= 80.0
+
+
+class _UnusedBranch(nn.Module):
+    """A quantized conv whose output nothing reads (a leftover auxiliary branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.r1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.main, self.r2 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        self.aux = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.r1(self.stem(x))
+        self.aux(x)  # computed, never used
+        return self.fc(self.r2(self.main(x)).mean((2, 3)))
+
+
+def test_a_layer_whose_output_nothing_reads_is_requantized_without_error():
+    torch.manual_seed(0)
+    model = quantize_(_UnusedBranch(), W4A4P).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 16, 16))
+    qdq, report = to_qdq(model.eval(), [torch.randn(4, 3, 16, 16)])
+    assert "aux" in report.requantized  # no quantizer reads it: an 8-bit range of its own
+    assert check_exact(model, qdq, torch.randn(8, 3, 16, 16))["top1_agreement"] >= 80.0
