@@ -26,6 +26,7 @@ def coco(out, split="val"):
     return json.loads((out / "annotations" / f"instances_{split}2017.json").read_text())
 
 
+@pytest.mark.slow  # heavy for the fast suite (make test-slow)
 def test_two_builds_are_byte_identical_and_coco_shaped(cifar_root, tmp_path):
     a, b = build(tmp_path / "a", cifar_root, TINY), build(tmp_path / "b", cifar_root, TINY)
     for split, n in (("train", TINY.train), ("val", TINY.val)):
@@ -62,6 +63,7 @@ def test_each_object_is_its_cifar_image_and_class_from_its_own_split(cifar):
             assert top["category_id"] == int(split.labels[top["source"]]) + 1
 
 
+@pytest.mark.slow  # heavy for the fast suite (make test-slow)
 def test_val_canvases_hold_test_images_only(cifar_root, cifar, tmp_path):
     out = build(tmp_path / "d", cifar_root, TINY)
     ann = coco(out)["annotations"][0]
@@ -77,6 +79,7 @@ def test_val_canvases_hold_test_images_only(cifar_root, cifar, tmp_path):
     assert np.median(err(cifar.test)) < 8 < np.median(err(cifar.train))
 
 
+@pytest.mark.slow  # heavy for the fast suite (make test-slow)
 def test_a_second_build_reuses_the_first_and_other_settings_rebuild(cifar_root, tmp_path):
     out = build(tmp_path / "d", cifar_root, TINY)
     stamp = (out / MANIFEST).stat().st_mtime_ns, (out / "val2017" / "000000.jpg").stat().st_mtime_ns

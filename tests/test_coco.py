@@ -70,6 +70,7 @@ def test_a_flip_moves_a_known_box_with_the_image(tmp_path):
     assert trained[0].shape == (3, 32, 32) and len(trained[1]["boxes"]) == len(trained[1]["labels"])
 
 
+@pytest.mark.slow  # heavy for the fast suite (make test-slow)
 def test_cifar10_det_reads_through_the_coco_path(cifar_root, tmp_path):
     from compress.data.cifar_det import Settings, build
 

@@ -405,6 +405,7 @@ def _ddp_last_step_worker(rank: int, world: int, port: int, tmp: str) -> None:
         dist.shutdown()
 
 
+@pytest.mark.slow  # heavy for the fast suite (make test-slow)
 def test_two_processes_poll_for_a_stop_at_the_last_step_of_an_epoch(tmp_path):
     # the ranks agree every STOP_POLL_STEPS steps and at each epoch's last step: a signal in
     # that step stops both there, before the evaluation

@@ -529,6 +529,7 @@ def test_normal_pruning_of_a_grouped_model_keeps_its_groups_and_says_so(caplog):
         assert torch.allclose(small(x), _masked(model.eval(), graph, normal)(x), atol=1e-4)
 
 
+@pytest.mark.slow  # heavy for the fast suite (make test-slow)
 def test_stochastic_depth_keeps_efficientnets_residual_streams_prunable():
     from compress.prune.graph import CHANNELWISE_FUNCTIONS, CHANNELWISE_MODULES
 

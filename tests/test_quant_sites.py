@@ -93,7 +93,13 @@ def test_a_project_model_reads_k_bit_inputs_everywhere_but_behind_resnet9s_add()
 
 # ---------------------------------------------------------------- sites=inputs
 @pytest.mark.parametrize(
-    "name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny"]
+    "name",
+    [
+        "mobilenet_v3_small",
+        pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+        pytest.param("regnet_y_400mf", marks=pytest.mark.slow),
+        pytest.param("convnext_tiny", marks=pytest.mark.slow),
+    ],
 )
 def test_input_sites_put_every_quantized_layer_on_a_4_bit_grid(name):
     model = tv(name)
