@@ -166,7 +166,8 @@ def _plain_run(run_dir: Path, batch_size: int, dist: Dist | None) -> dict:
     return summary
 
 
-def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives process `rank` of `world` on this host."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world),
@@ -175,6 +176,10 @@ def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     dist = init_from_env("cpu")
     try:

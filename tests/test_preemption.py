@@ -32,7 +32,7 @@ from compress.errors import ConfigError
 from tests.conftest import ROOT
 from tests.test_config import compose_cfg
 from tests.test_data_folder import write_folder
-from tests.test_distributed import PlainCNN
+from tests.test_distributed import PlainCNN, torchrun_env
 
 TRAIN = (
     "model=resnet20",
@@ -198,21 +198,26 @@ def test_a_signal_saves_at_the_next_step_and_the_resume_is_the_same_run(
     assert_same_run(uninterrupted, run)
 
 
-def test_a_signal_during_evaluation_stops_after_the_epoch_is_saved(
-    uninterrupted, tmp_path, monkeypatch, capsys
-):
-    run = tmp_path / "run"
+def sigterm_after_evaluation(monkeypatch, n: int) -> None:
+    """SIGTERM to this process right after the n-th test evaluation of the run."""
     real = engine.evaluate
     calls = {"n": 0}
 
     def evaluate_then_signal(*args, **kwargs):
         calls["n"] += 1
         out = real(*args, **kwargs)
-        if calls["n"] == 1:
+        if calls["n"] == n:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
     monkeypatch.setattr(engine, "evaluate", evaluate_then_signal)
+
+
+def test_a_signal_during_evaluation_stops_after_the_epoch_is_saved(
+    uninterrupted, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    sigterm_after_evaluation(monkeypatch, 1)
     assert train_in_process(run, *RUN) == 128 + signal.SIGTERM
     monkeypatch.undo()
     assert f"the run is saved after epoch 1 in {run / 'last.pt'}" in capsys.readouterr().err
@@ -227,17 +232,7 @@ def test_a_signal_during_the_last_evaluation_lets_the_run_finish(
 ):
     # everything is done and saved: the run ends as usual (exit 0) and says the signal came
     run = tmp_path / "run"
-    real = engine.evaluate
-    calls = {"n": 0}
-
-    def evaluate_then_signal(*args, **kwargs):
-        calls["n"] += 1
-        out = real(*args, **kwargs)
-        if calls["n"] == 2:  # the second of two epochs
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(engine, "evaluate", evaluate_then_signal)
+    sigterm_after_evaluation(monkeypatch, 2)  # the second of two epochs
     with caplog.at_level("WARNING", logger="compress.engine"):
         assert train_in_process(run, *RUN) == 0
     assert "SIGTERM arrived as training ended: the run finishes" in caplog.text
@@ -334,14 +329,7 @@ def _ddp_fit(run_dir: Path, dist, callbacks=(), resume_state=None) -> dict:
 
 
 def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     engine.STOP_POLL_STEPS = 1  # the ranks agree every step: the stop lands inside the epoch
     tmp_dir = Path(tmp)
@@ -384,14 +372,7 @@ def test_two_processes_stop_together_and_resume_to_the_same_run(tmp_path):
 
 
 def _ddp_last_step_worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     assert engine.STOP_POLL_STEPS > 4  # no poll inside the 4-step epoch but at its end
     dist = init_from_env("cpu")

@@ -5,6 +5,7 @@ module's analysis: it counts the distinct values each quantized layer really mul
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -15,11 +16,15 @@ from compress.deploy.qdq import QDQError, to_qdq
 from compress.errors import ConfigError
 from compress.fuse import fuse_bn_
 from compress.models import create_model
-from compress.quant import QConv2d, QLinear, quantize_, to_float
+from compress.quant import QConv2d, quantize_, to_float
 from compress.quant.api import bit_widths, input_report
 from compress.quant.int8 import Int8Act
 from compress.quant.quantizers import LSQAct, PACTAct
 from compress.spec import checkpoint_state, model_from_checkpoint
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+from zoo import levels_read  # noqa: E402  (distinct values each quantized layer multiplies)
 
 
 def quant(kind: str = "lsq", bits: int = 4, sites: str = "inputs", weight: str = "lsq") -> dict:
@@ -30,32 +35,6 @@ def quant(kind: str = "lsq", bits: int = 4, sites: str = "inputs", weight: str =
 
 def tv(name: str) -> nn.Module:
     return create_model(name, source="torchvision", num_classes=10)
-
-
-def levels_read(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Distinct values in the input each quantized layer computes with (after its own input
-    quantizer, if any), from one eval forward pass."""
-    seen: dict[str, int] = {}
-
-    def hook(name):
-        def record(layer, args):
-            v = layer.read_input(args[0]).detach()
-            seen[name] = max(seen.get(name, 0), int(torch.unique(v).numel()))
-
-        return record
-
-    handles = [
-        m.register_forward_pre_hook(hook(n))
-        for n, m in model.named_modules()
-        if isinstance(m, QConv2d | QLinear)
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
 
 
 def warmed(model: nn.Module, shape=(3, 64, 64)) -> nn.Module:

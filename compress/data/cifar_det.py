@@ -30,22 +30,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from compress.data.datasets import Split, load_cifar10
+from compress.data.datasets import CIFAR10_CLASSES, Split, load_cifar10
 from compress.errors import DataError
 
 MANIFEST = "cifar10_det.json"
-CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+CLASSES = tuple(CIFAR10_CLASSES)
 
 
 @dataclass(frozen=True)
