@@ -23,7 +23,7 @@ from compress.errors import ConfigError, check, check_choice
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("cosine", "step", "onecycle", "constant")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fast", "fp32", "bf16", "fp16")
 WEIGHT_KINDS = ("fp32", "dorefa", "ternary", "binary", "int8", "lsq")
 ACT_KINDS = (*WEIGHT_KINDS, "pact")
 ACT_SITES = ("relu", "inputs")  # quant.act.sites
@@ -50,7 +50,9 @@ class TrainSettings:
     milestones: list[int] = field(default_factory=lambda: [100, 150])  # lr_schedule=step
     gamma: float = 0.1  # lr_schedule=step: the LR factor at each milestone
     label_smoothing: float = 0.0
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16 (GPU)
+    # auto (bf16 on CUDA, fp32 elsewhere) | fast (bf16 on CUDA and on CPUs with native bf16:
+    # AVX-512-BF16 or AMX, fp32 elsewhere) | fp32 | bf16 | fp16 (GPU)
+    precision: str = "auto"
     channels_last: bool | None = None  # null: on CUDA only (NHWC convs are faster there)
     compile: bool = False  # torch.compile the training step
     eval_every: int = 1  # evaluate every N epochs (and always after the last)

@@ -183,6 +183,27 @@ def test_auto_settings_follow_the_device():
     assert (fixed.precision, fixed.channels_last) == ("fp16", False)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_fast_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, native):
+    from compress import engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    fast = TrainConfig(precision="fast")
+    cpu = engine.for_device(fast, torch.device("cpu"))
+    assert (cpu.precision, cpu.channels_last) == ("bf16" if native else "fp32", False)
+    assert engine.for_device(fast, torch.device("cuda")).precision == "bf16"
+    assert engine.for_device(TrainConfig(), torch.device("cpu")).precision == "fp32"
+
+
+def test_native_bf16_reads_both_cpu_features(monkeypatch):
+    from compress import engine
+
+    for avx512, amx in [(False, False), (True, False), (False, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert engine.cpu_has_native_bf16() is (avx512 or amx)
+
+
 @pytest.mark.slow
 def test_compiled_training_step_learns(tmp_path):
     metrics = run_training(tiny_cfg(epochs=2, compile=True), tmp_path)
