@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.deploy.qdq import QDQError, to_qdq
 from compress.errors import ConfigError
 from compress.fuse import fuse_bn_
 from compress.models import create_model
@@ -200,12 +199,6 @@ def test_an_untraceable_model_is_one_line_at_input_sites():
         ConfigError, match=r"quant.act.sites=inputs: torch.fx cannot trace Branchy \("
     ):
         quantize_(Branchy(), quant())
-
-
-def test_integer_export_of_input_quantizers_is_refused_in_one_line():
-    model = warmed(quantize_(Branches(), quant()), (3, 8, 8))
-    with pytest.raises(QDQError, match=r"have input quantizers \(quant.act.sites=inputs\)"):
-        to_qdq(model)
 
 
 def test_training_reports_and_warns_about_float_inputs(entry, tmp_path, caplog):

@@ -10,7 +10,11 @@ post-training quantization).
   codes at its learned step, uint8 0..Q_P or, signed, -Q_N..Q_P as uint8 around zero point 128
   (int8 inputs are not fused into integer convs by ONNX Runtime); ternary: uint8 {0, 1, 2}
   (thresholds at +-t); binary: uint8 {0, 2} read as -1 / +1). A quantizer
-  module called at several sites (torchvision's shared ReLU) becomes one QDQAct;
+  module called at several sites (torchvision's shared ReLU) becomes one QDQAct; layer-input
+  quantizers (quant.act.sites=inputs: BN outputs, Hardswish / SiLU outputs, squeeze-excitation
+  products, residual sums) become calls of their own on their tensor, one QDQAct for all its
+  readers (`explicit_input_quantizers`; the result is an FX GraphModule with the same layer
+  names);
 - BNs are folded into the layer before them (compress.fuse with exact=False: Q(w) * s baked into
   the weights, which integer codes times a per-channel scale express; equal to float rounding,
   not bit for bit where a rounding quantizer follows);
@@ -27,8 +31,11 @@ post-training quantization).
   -> quantizer becomes conv -> quantizer -> max pool (equal: the quantizer is monotone);
 - with `calib` batches, what the QAT model left float around an integer layer gets 8 bits on the
   observed min / max range: the output of a conv that meets a residual add before any quantizer
-  (clipped to what the quantizer after the add can see) and the input of a conv behind a float
-  op. These are the only steps that are not in the QAT model.
+  (clipped to what the quantizer after the add can see) or an activation the QAT model keeps
+  float (Hardswish, SiLU, a functional ReLU: clipped where that activation is constant), and
+  the input of a conv behind a float op. These are the only steps that are not in the QAT
+  model; where many of them follow each other (MobileNet-v3's conv -> Hardswish in every
+  block), their rounding adds up (measured: `docs/deploy.md`).
 
 Weights map to int8 exactly when their levels are integers times a per-channel scale: DoReFa
 with k <= 7 bits (levels (2i - n) / n, n = 2^k - 1, codes -n..n, scale 1 / n), ternary and
@@ -312,7 +319,8 @@ def act_qdq(q: nn.Module, producer_scale: float | None = None) -> QDQAct | None:
     """The QDQAct computing activation quantizer `q` (None for a float activation)."""
     if isinstance(q, Int8Act):  # a ReLU6 site's range is within [0, 6]: 255 is its top code too
         scale, zp = q.qparams()
-        return QDQAct(float(scale), int(zp), int(zp), 255)
+        clamps_at_zero = q.relu or getattr(q, "float_type", None) is nn.ReLU6
+        return QDQAct(float(scale), int(zp), int(zp) if clamps_at_zero else 0, 255)
     if isinstance(q, DoReFaAct | PACTAct):
         n = 2**q.bits - 1
         if n > 255:
@@ -419,15 +427,6 @@ def to_qdq(
     `calib`: batches of normalized inputs for the 8-bit ranges of what the QAT model leaves float
     next to an integer layer (see the module docstring); without, those layers keep int8
     weights and a float input or output."""
-    at_inputs = [
-        n for n, layer in model.named_modules() if layer._modules.get("input_quant") is not None
-    ]
-    if at_inputs:
-        raise QDQError(
-            f"{len(at_inputs)} layers ({at_inputs[0]}, ...) have input quantizers "
-            "(quant.act.sites=inputs): their integer export is not supported yet; export the "
-            "fake-quant model (int8=false) or train with quant.act.sites=relu"
-        )
     m = copy.deepcopy(model).cpu().eval()
     codes = {
         name: c
@@ -436,6 +435,7 @@ def to_qdq(
     }
     report = QDQReport()
     try:  # codes first: folding keeps the quantized grid
+        m = explicit_input_quantizers(m)
         report.bn_kept = dict(fuse_bn_(m).skipped)
         work = _Conversion(m, codes, report, None if calib is None else list(calib))
     except (fx.proxy.TraceError, TypeError, NotImplementedError) as e:
@@ -453,6 +453,51 @@ def to_qdq(
             calls = work.calls.get(name, 0)
             report.float_layers[name] = "shared by several calls" if calls else "never called"
     return m, report
+
+
+def explicit_input_quantizers(model: nn.Module) -> nn.Module:
+    """`model` with each layer-input quantizer (quant.act.sites=inputs, `layer.input_quant`) as
+    a call of its own on the tensor, read by every layer that shares it: the form the
+    conversion walks (a quantizer site, then integer layers). An FX GraphModule whose layers
+    keep their names; the quantizer of layer `a.b` is `a.b_input`. `model` (a copy: its layers
+    lose their `input_quant`) comes back as it is when it has none."""
+    readers = {
+        name: layer
+        for name, layer in model.named_modules()
+        if layer._modules.get("input_quant") is not None
+    }
+    if not readers:
+        return model
+    graph = LeafTracer().trace(model)
+    placed: dict[tuple[int, object], fx.Node] = {}
+    quantizers: dict[str, nn.Module] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_module" or node.target not in readers:
+            continue
+        q, x = readers[node.target].input_quant, node.args[0]
+        if (id(q), x) not in placed:
+            target = f"{node.target}_input"
+            quantizers[target] = q
+            with graph.inserting_before(node):
+                placed[id(q), x] = graph.call_module(target, (x,))
+        node.args = (placed[id(q), x], *node.args[1:])
+    for layer in readers.values():
+        layer.input_quant = None
+    root: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            root[node.target] = quantizers.get(node.target) or _attr(model, node.target)
+    out = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    if hasattr(model, "arch"):
+        out.arch = model.arch
+    return out.eval()
+
+
+def _attr(model: nn.Module, target: str) -> object:
+    obj: object = model
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class _Conversion:
@@ -598,6 +643,9 @@ class _Conversion:
             bound = _add_then_quantizer(node, self.grid, self.mods)
             if bound is not None:  # beyond these the sum saturates the quantizer anyway
                 lo, hi = lo.clamp(min=bound[0]), hi.clamp(max=bound[1])
+            flat = _flat_beyond(node, self.mods)
+            if flat is not None:  # beyond these the activation after the layer is constant
+                lo, hi = lo.clamp(min=flat[0]), hi.clamp(max=flat[1])
             scale, zp = act_qparams(lo, hi)
             out = QDQAct(float(scale), int(zp), 0, 255)
             _set(self.m, node.target, nn.Sequential(self.m.get_submodule(node.target), out))
@@ -650,6 +698,43 @@ def _add_then_quantizer(
     q_lo, q_hi = _value_range(grid[act], "in")
     s_lo, s_hi = _value_range(grid[other], "out")
     return q_lo - s_hi, q_hi - s_lo
+
+
+# activations constant below / above these inputs: a range beyond them only coarsens the 8
+# bits a requantized output before them gets (ReLU sits before MobileNet's SE pool)
+_FLAT_MODULES: dict[type[nn.Module], tuple[float, float]] = {
+    nn.ReLU: (0.0, math.inf),
+    nn.ReLU6: (0.0, 6.0),
+    nn.Hardswish: (-3.0, math.inf),
+    nn.Hardsigmoid: (-3.0, 3.0),
+}
+_FLAT_FUNCTIONS: dict[object, tuple[float, float]] = {
+    torch.relu: (0.0, math.inf),
+    F.relu: (0.0, math.inf),
+    F.relu6: (0.0, 6.0),
+    F.hardswish: (-3.0, math.inf),
+    F.hardsigmoid: (-3.0, 3.0),
+}
+
+
+def _flat_beyond(node: fx.Node, mods: dict[str, nn.Module]) -> tuple[float, float] | None:
+    """For y = layer(...) whose only reader (through folded BNs) is an activation that is
+    constant outside [lo, hi]: that interval. None otherwise."""
+    user = node
+    while len(user.users) == 1:
+        user = next(iter(user.users))
+        if user.op == "call_module" and isinstance(mods[user.target], nn.Identity):
+            continue
+        if user.op == "call_module":
+            mod = mods[user.target]
+            fn = mod.fn if isinstance(mod, Activation) else mod
+            return _FLAT_MODULES.get(type(fn))
+        if user.op == "call_function":
+            return _FLAT_FUNCTIONS.get(user.target)
+        if user.op == "call_method" and user.target == "relu":
+            return 0.0, math.inf
+        return None
+    return None
 
 
 def observe_ranges(
