@@ -55,9 +55,9 @@ DOC_HEAD = """# The torchvision zoo
 
 [README](../README.md) > the torchvision zoo.
 
-Each torchvision classifier (random weights, BN statistics randomized, 10 classes) through
-every stage, by `python bench/zoo.py` (this page is its output; tests/test_zoo.py checks a
-sample of it in `make test-slow`, `COMPRESS_ZOO=all` every model):
+Each torchvision classifier (random weights, BN statistics and layer scales randomized, 10
+classes) through every stage, by `python bench/zoo.py` (this page is its output;
+tests/test_zoo.py checks a sample of it in `make test-slow`, `COMPRESS_ZOO=all` every model):
 
 - **after 40%**: parameters left when each layer loses 40% of its prunable channels by filter
   L1 norm (`pruner.importance=l1 pruner.scope=layer`, at least 10% kept); **frozen**: the share
@@ -99,6 +99,9 @@ def build(name: str) -> nn.Module:
                 m.bias.uniform_(-0.2, 0.2)
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
+        for name, p in model.named_parameters():  # ConvNeXt's 1e-6 would hide its blocks
+            if name.endswith("layer_scale"):
+                p.uniform_(0.5, 1.5)
     return model.eval()
 
 
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         with done_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-    rows = [done[n] for n in (args.models or models()) if n in done]
+    rows = [done[n] for n in models() if n in done]  # every model measured so far
     isa = cpu_isa()
     meta = (
         f"{len(rows)} models, torch {torch.__version__}, torchvision {torchvision.__version__}, "

@@ -695,3 +695,82 @@ def test_magnitude_criteria_prune_a_model_without_batchnorm():
         assert torch.allclose(small(x), columns_zeroed(model, graph, keep)(x), atol=1e-5)
     assert prune_task.needs_bn("bn_scale") and prune_task.needs_bn("taylor")
     assert not any(prune_task.needs_bn(c) for c in ("l1", "l2", "fpgm"))
+
+
+class _TinyConvNeXt(nn.Module):
+    """torchvision's ConvNeXt blocks (depthwise 7x7 -> permute -> LayerNorm -> linear -> GELU
+    -> linear -> permute -> layer scale, plus the input) behind a stem with LayerNorm2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.convnext import CNBlock, LayerNorm2d
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 2, 2), LayerNorm2d(16))
+        self.blocks = nn.Sequential(CNBlock(16, 1.0, 0.0), CNBlock(16, 1.0, 0.0))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_convnext_blocks_prune_their_hidden_channels_and_freeze_the_normalized_stream():
+    import sys
+
+    from compress.metrics import count_macs
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from zoo import columns_zeroed
+
+    torch.manual_seed(0)
+    model = _TinyConvNeXt().eval()
+    with torch.no_grad():  # layer scales of 1e-6 would make a wrong thinning invisible
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.uniform_(0.5, 1.5)
+    graph = channel_graph(model, SHAPE, require_bn=False)
+    prunable = {layer for g in graph.groups for layer in g.layers}
+    assert prunable == {"blocks.0.block.3", "blocks.1.block.3"}  # the 64 hidden of each MLP
+    frozen, total, why = graph.frozen_channels()
+    # the 16-channel stream is read by LayerNorms: the outputs of the stem's conv and of both
+    # blocks' second linears (one residual group; depthwise convs pass it on); the head's are
+    # the logits
+    assert why["normalized together (LayerNorm over the channels)"] == 16 * 3
+    assert why["the model's output (its width is the class count)"] == 10
+    keep = select_channels(graph, percent=0.5, importance=l1_importance, scope="layer")
+    removed = graph.macs_removed(keep)
+    small = thin(model, keep, SHAPE, require_bn=False).eval()
+    assert [small.blocks[i].block[3].out_features for i in (0, 1)] == [32, 32]
+    assert [small.blocks[i].block[5].in_features for i in (0, 1)] == [32, 32]
+    x = torch.randn(4, *SHAPE)
+    with torch.no_grad():
+        assert torch.allclose(small(x), columns_zeroed(model, graph, keep)(x), atol=1e-5)
+        assert not torch.allclose(small(x), model(x), atol=1e-3)  # the blocks matter here
+    # a linear on an (N, H, W, C) tensor runs once per position: the MACs follow
+    assert removed == count_macs(model, SHAPE) - count_macs(small, SHAPE) > 0
+
+
+class _LastThenPool(nn.Module):
+    """A channels-last tensor into an op over the spatial dims (here: the wrong ones)."""
+
+    def __init__(self, odd: bool) -> None:
+        super().__init__()
+        self.odd = odd
+        self.c1, self.fc1, self.fc2 = nn.Conv2d(3, 8, 3), nn.Linear(8, 12), nn.Linear(12, 8)
+        self.head = nn.Linear(SHAPE[1] - 2 if odd else 8, 10)
+
+    def forward(self, x):
+        y = self.fc2(torch.relu(self.fc1(self.c1(x).permute(0, 2, 3, 1))))
+        if self.odd:  # channels last, pooled over (W, C): not a channel-wise op any more
+            return self.head(F.adaptive_avg_pool2d(y, 1).flatten(1))
+        return self.head(y.permute(0, 3, 1, 2).mean((2, 3)))
+
+
+def test_an_op_over_the_spatial_dims_of_a_channels_last_tensor_freezes_its_channels():
+    torch.manual_seed(0)
+    good = channel_graph(_LastThenPool(odd=False).eval(), SHAPE, require_bn=False)
+    assert {layer for g in good.groups for layer in g.layers} == {"c1", "fc1", "fc2"}
+    odd = channel_graph(_LastThenPool(odd=True).eval(), SHAPE, require_bn=False)
+    assert {layer for g in odd.groups for layer in g.layers} == {"c1", "fc1"}
+    _, _, why = odd.frozen_channels()
+    assert why["read by an op the channel graph does not follow (adaptive_avg_pool2d)"] == 8

@@ -30,14 +30,10 @@ SAMPLE = [
     "resnet18",
     "convnext_tiny",
 ]
-# what cannot be pruned yet, and the reason it must give (LayerNorm-over-channels blocks
-# behind a permute)
-REFUSED = {
-    "convnext_tiny": "does not follow (permute)",
-    "convnext_small": "does not follow (permute)",
-    "convnext_base": "does not follow (permute)",
-    "convnext_large": "does not follow (permute)",
-}
+# what cannot be pruned, and the reason it must give (none of the sample: ConvNeXt's MLP
+# hidden channels prune, its LayerNorm-normalized stream is frozen with that reason)
+REFUSED: dict[str, str] = {}
+FROZEN_BECAUSE = {"convnext_tiny": "normalized together (LayerNorm over the channels)"}
 # relative to the largest logit: float rounding through tens of layers is ~1e-6; a wrongly
 # thinned, folded or exported channel moves the logits by far more than 1e-4
 TOL = 1e-4
@@ -52,6 +48,8 @@ def test_a_torchvision_classifier_through_every_stage(name):
         assert REFUSED[name] in row["prune_error"], row
     else:
         assert "prune_error" not in row, row["prune_error"]
+        if name in FROZEN_BECAUSE:
+            assert row["frozen_top"] == FROZEN_BECAUSE[name], row
         assert row["prune_rel_diff"] <= TOL and row["params_pruned"] < row["params"], row
     assert "quant_error" not in row, row.get("quant_error")
     assert row["quant_float_inputs"] == 0 and row["quant_max_levels"] <= 16, row

@@ -89,6 +89,24 @@ CHANNELWISE_FUNCTIONS: set[Any] = {
 }
 
 
+# channel-wise, but over the spatial dims: not on a channels-last (N, H, W, C) tensor
+_SPATIAL = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Upsample,
+    nn.Dropout2d,
+)
+_SPATIAL_FUNCTIONS = {
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
+}
+
+
 CHANNELWISE_METHODS = {
     "relu",
     "relu_",
@@ -300,6 +318,8 @@ class _Walker:
         self.chunks: list[Chunks] = []
         self.spaces: dict[str, list[int]] = {}  # producing layer -> its output atoms
         self.depthwise: set[str] = set()
+        # tensors whose channels are their last dim (after a permute to NHWC: ConvNeXt's blocks)
+        self.last: set[fx.Node] = set()
 
     # -- helpers
     def _rlen(self, a: fx.Node) -> int:
@@ -489,6 +509,103 @@ class _Walker:
             return x  # spatial slicing only
         return self._opaque(node)
 
+    # -- channels last (N, H, W, C): the few ops that keep them there
+    def _permute_dims(self, node: fx.Node) -> tuple[int, ...] | None:
+        dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = tuple(dims[0])
+        if node.op == "call_function" and not dims:
+            dims = tuple(node.kwargs.get("dims", ()))
+        return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+
+    def _is_permute(self, node: fx.Node) -> bool:
+        return (node.op == "call_method" and node.target == "permute") or (
+            node.op == "call_function" and node.target is torch.permute
+        )
+
+    def _to_last(self, node: fx.Node) -> list[int] | None:
+        """x.permute(0, 2, 3, 1) of an NCHW tensor: the same channels, now the last dim."""
+        x = self._arg(node.args[0])
+        shape = _shape(node.args[0])
+        if x is None or shape is None or len(shape) != 4 or self._rlen(node.args[0]) != shape[1]:
+            return self._opaque(node)
+        self.last.add(node)
+        return x
+
+    def _channels_last(self, node: fx.Node) -> list[int] | None:
+        """An op on a channels-last tensor: linears over the channels (ConvNeXt's pointwise
+        MLP), element-wise functions, sums of such tensors and the permute back to NCHW keep
+        following the channels; LayerNorm over them normalizes them together, so they are
+        frozen (a removed channel would change every other's normalization); anything else
+        is opaque."""
+        src = node.args[0] if node.args else None
+        x = self._arg(src)
+        width = (_shape(src) or (0,))[-1] if isinstance(src, fx.Node) else 0
+        if x is None or self._rlen(src) != width:  # type: ignore[arg-type]
+            return self._opaque(node)
+        if self._is_permute(node):
+            if self._permute_dims(node) in ((0, 3, 1, 2), (0, -1, 1, 2)):
+                return x
+            return self._opaque(node)
+        kept = None
+        if node.op == "call_module":
+            m, name = self.mods[node.target], str(node.target)
+            if name in self.shared:
+                return self._opaque(node, "a layer called more than once")
+            if isinstance(m, nn.Linear):
+                self.layers[name] = Layer(name, m, inputs=x)
+                kept = self._fresh(name, m.out_features)
+            elif isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (width,):
+                if self.record:
+                    self.atoms.freeze(x, "normalized together (LayerNorm over the channels)")
+                kept = x
+            elif isinstance(m, CHANNELWISE_MODULES) and not isinstance(m, _SPATIAL):
+                kept = x
+        elif node.target is F.layer_norm:
+            shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            if tuple(shape or ()) == (width,):
+                if self.record:
+                    self.atoms.freeze(x, "normalized together (LayerNorm over the channels)")
+                kept = x
+        elif node.target in CHANNELWISE_FUNCTIONS - _SPATIAL_FUNCTIONS or (
+            node.op == "call_method" and node.target in CHANNELWISE_METHODS
+        ):
+            kept = x
+        elif node.target in MIXING_OPS or (
+            node.op == "call_method" and node.target in MIXING_METHODS
+        ):
+            kept = self._mix_last(node, width)
+        if kept is None:
+            return self._opaque(node)
+        self.last.add(node)
+        return kept
+
+    def _mix_last(self, node: fx.Node, width: int) -> list[int] | None:
+        """A sum / product of channels-last tensors of one width (or of one and a scalar)."""
+        full = []
+        for a in (a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)):
+            lst, shape = self._arg(a), _shape(a)
+            if a in self.last and lst is not None and self._rlen(a) == width:
+                full.append(lst)
+            elif shape is not None and math.prod(shape) != 1:
+                return None  # a tensor that is not channels-last (or broadcasts per channel)
+        if self.record:
+            for other in full[1:]:
+                for a, b in zip(full[0], other, strict=True):
+                    self.atoms.union(a, b)
+        return list(full[0])
+
+    def _reads_last(self, node: fx.Node) -> bool:
+        found = False
+
+        def visit(a: Any) -> Any:
+            nonlocal found
+            found = found or a in self.last
+            return a
+
+        fx.node.map_arg((node.args, node.kwargs), visit)
+        return found
+
     def run(self) -> None:
         calls: dict[str, int] = defaultdict(int)
         for node in self.gm.graph.nodes:
@@ -499,6 +616,10 @@ class _Walker:
         for node in self.gm.graph.nodes:
             if node.op in ("placeholder", "get_attr"):
                 self.lists[node] = self._constant(node)
+            elif node.op != "output" and self._reads_last(node):
+                self.lists[node] = self._channels_last(node)
+            elif self._is_permute(node) and self._permute_dims(node) in ((0, 2, 3, 1),):
+                self.lists[node] = self._to_last(node)
             elif node.op == "call_module":
                 self.lists[node] = self.module(node)
             elif node.op in ("call_function", "call_method"):
@@ -671,8 +792,9 @@ class ChannelGraph:
             ins = torch.tensor([find(a) for a in layer.inputs or []], dtype=torch.long)
             space = self.walker.spaces.get(name)
             outs = None if space is None else torch.tensor([find(a) for a in space])
-            if isinstance(m, nn.Linear):
-                out.append(_MacLayer(ins, outs, len(ins), len(space or []), 1, 1, False))
+            if isinstance(m, nn.Linear):  # once per position on a channels-last tensor
+                per = math.prod(shape[1:-1])
+                out.append(_MacLayer(ins, outs, len(ins), len(space or []), 1, per, False))
                 continue
             spatial = math.prod(shape[2:]) * math.prod(m.kernel_size)
             depthwise = name in self.walker.depthwise
