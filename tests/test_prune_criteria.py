@@ -732,11 +732,14 @@ def test_convnext_blocks_prune_their_hidden_channels_and_freeze_the_normalized_s
     prunable = {layer for g in graph.groups for layer in g.layers}
     assert prunable == {"blocks.0.block.3", "blocks.1.block.3"}  # the 64 hidden of each MLP
     frozen, total, why = graph.frozen_channels()
-    # the 16-channel stream is read by LayerNorms: the outputs of the stem's conv and of both
-    # blocks' second linears (one residual group; depthwise convs pass it on); the head's are
-    # the logits
-    assert why["normalized together (LayerNorm over the channels)"] == 16 * 3
-    assert why["the model's output (its width is the class count)"] == 10
+    # the 16-channel stream (one residual group; depthwise convs pass it on) is read by
+    # LayerNorms, and each block's second linear is scaled per channel before the add; the
+    # head's outputs are the logits. Either cause alone freezes the stream (the count names
+    # one cause per residual group)
+    norm = "normalized together (LayerNorm over the channels)"
+    scale = "scaled by a per-channel tensor (a layer scale) the graph does not resize"
+    assert why.get(norm, 0) + why.get(scale, 0) == 16 * 3  # the stem conv's, the 2 linears'
+    assert why["the model's output (its width is the class count)"] == 10 and len(why) <= 3
     keep = select_channels(graph, percent=0.5, importance=l1_importance, scope="layer")
     removed = graph.macs_removed(keep)
     small = thin(model, keep, SHAPE, require_bn=False).eval()
@@ -774,3 +777,53 @@ def test_an_op_over_the_spatial_dims_of_a_channels_last_tensor_freezes_its_chann
     assert {layer for g in odd.groups for layer in g.layers} == {"c1", "fc1"}
     _, _, why = odd.frozen_channels()
     assert why["read by an op the channel graph does not follow (adaptive_avg_pool2d)"] == 8
+
+
+class _LayerScaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.c2(self.scale * torch.relu(self.c1(x))).mean((2, 3)))
+
+
+def test_a_per_channel_layer_scale_freezes_the_channels_it_scales():
+    """A (C, 1, 1) parameter times an (N, C, H, W) tensor is one value per channel, not a
+    scalar: the graph cannot resize it, so those channels stay (before: a thinned model whose
+    forward failed on the scale's shape)."""
+    torch.manual_seed(0)
+    model = _LayerScaled().eval()
+    graph = channel_graph(model, SHAPE, require_bn=False)
+    _, _, why = graph.frozen_channels()
+    assert why["scaled by a per-channel tensor (a layer scale) the graph does not resize"] == 8
+    assert {layer for g in graph.groups for layer in g.layers} == {"c2"}
+    keep = select_channels(graph, percent=0.5, importance=l1_importance, scope="layer")
+    small = thin(model, keep, SHAPE, require_bn=False).eval()
+    assert (small.c1.out_channels, small.c2.out_channels) == (8, 4)
+    with torch.no_grad():
+        assert small(torch.randn(2, *SHAPE)).shape == (2, 10)
+
+
+class _NormalizedStream(nn.Module):
+    """conv -> channels last -> LayerNorm -> MLP -> back -> + the conv's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.norm = nn.Conv2d(3, 8, 3), nn.LayerNorm(8)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = self.c1(x)
+        z = self.fc2(F.gelu(self.fc1(self.norm(y.permute(0, 2, 3, 1)))))
+        return self.head((y + z.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+def test_a_layernorm_over_the_channels_freezes_the_stream_it_normalizes():
+    torch.manual_seed(0)
+    graph = channel_graph(_NormalizedStream().eval(), SHAPE, require_bn=False)
+    _, _, why = graph.frozen_channels()
+    assert why["normalized together (LayerNorm over the channels)"] == 8 * 2  # c1's and fc2's
+    assert {layer for g in graph.groups for layer in g.layers} == {"fc1"}

@@ -31,9 +31,15 @@ SAMPLE = [
     "convnext_tiny",
 ]
 # what cannot be pruned, and the reason it must give (none of the sample: ConvNeXt's MLP
-# hidden channels prune, its LayerNorm-normalized stream is frozen with that reason)
+# hidden channels prune; its streams are frozen, normalized by LayerNorms and scaled by layer
+# scales: the count names one of the two causes per stream)
 REFUSED: dict[str, str] = {}
-FROZEN_BECAUSE = {"convnext_tiny": "normalized together (LayerNorm over the channels)"}
+FROZEN_BECAUSE = {
+    "convnext_tiny": (
+        "normalized together (LayerNorm over the channels)",
+        "scaled by a per-channel tensor (a layer scale) the graph does not resize",
+    )
+}
 # relative to the largest logit: float rounding through tens of layers is ~1e-6; a wrongly
 # thinned, folded or exported channel moves the logits by far more than 1e-4
 TOL = 1e-4
@@ -49,7 +55,7 @@ def test_a_torchvision_classifier_through_every_stage(name):
     else:
         assert "prune_error" not in row, row["prune_error"]
         if name in FROZEN_BECAUSE:
-            assert row["frozen_top"] == FROZEN_BECAUSE[name], row
+            assert row["frozen_top"] in FROZEN_BECAUSE[name], row
         assert row["prune_rel_diff"] <= TOL and row["params_pruned"] < row["params"], row
     assert "quant_error" not in row, row.get("quant_error")
     assert row["quant_float_inputs"] == 0 and row["quant_max_levels"] <= 16, row

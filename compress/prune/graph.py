@@ -382,7 +382,22 @@ class _Walker:
             for other in full[1:]:
                 for a, b in zip(full[0], other, strict=True):
                     self.atoms.union(a, b)
+            if shape is not None and self._per_channel_operand(node, len(shape), width):
+                why = "scaled by a per-channel tensor (a layer scale) the graph does not resize"
+                self.atoms.freeze(full[0], why)
         return list(full[0])
+
+    def _per_channel_operand(self, node: fx.Node, rank: int, width: int | None) -> bool:
+        """Whether an operand of lower rank broadcasts along the channel dim with one value per
+        channel, like a (C, 1, 1) layer scale (its dim 0 lines up with the output's dim 1)."""
+        for a in (*node.args, *node.kwargs.values()):
+            shape = _shape(a) if isinstance(a, fx.Node) else None
+            if shape is None or not 0 < len(shape) < rank:
+                continue
+            at = len(shape) - (rank - 1)
+            if 0 <= at < len(shape) and shape[at] == width != 1:
+                return True
+        return False
 
     # -- node kinds
     def module(self, node: fx.Node) -> list[int] | None:
