@@ -104,3 +104,59 @@ def test_the_core_is_one_traceable_module_sharing_the_detectors_layers(name, out
         objectness, deltas = out
         assert len(objectness) == len(deltas) == len(model.backbone(x))
         assert all(torch.equal(a, b) for a, b in zip(objectness, again[0], strict=True))
+
+
+def test_cifar10_det_builds_once_and_reads_as_coco(cifar_root, tmp_path):
+    from compress.detection.data import load_detection_data, loaders
+
+    cfg = {"name": "cifar10_det", "root": str(cifar_root), "build_dir": str(tmp_path / "det")}
+    cfg |= {"num_train": 8, "num_val": 4, "image_size": 64}
+    data = load_detection_data(cfg)
+    assert (len(data.train), len(data.test)) == (8, 4)
+    assert data.num_classes == 11 and data.classes[0] == "airplane"
+    stamp = (tmp_path / "det" / "cifar10_det.json").stat().st_mtime_ns
+    assert load_detection_data(cfg).num_classes == 11  # the cached build, not a new one
+    assert (tmp_path / "det" / "cifar10_det.json").stat().st_mtime_ns == stamp
+    train, test = loaders(data, batch_size=4)
+    images, targets = next(iter(test))
+    assert [tuple(x.shape) for x in images] == [(3, 64, 64)] * 4
+    assert all(t["boxes"].shape[1] == 4 and len(t["boxes"]) == len(t["labels"]) for t in targets)
+    assert all(((t["labels"] >= 1) & (t["labels"] <= 10)).all() for t in targets)
+
+
+@pytest.mark.parametrize(
+    ("model", "dataset", "message"),
+    [
+        (
+            {"name": "resnet20"},
+            "cifar10_det",
+            "model=resnet20 is a classifier and dataset=cifar10_det",
+        ),
+        (
+            {"source": "torchvision_det", "name": "ssdlite320_mobilenet_v3_large"},
+            "cifar10",
+            "model.name=ssdlite320_mobilenet_v3_large is a detector and dataset=cifar10 a "
+            "classification data set",
+        ),
+    ],
+)
+def test_a_model_of_the_other_task_is_one_line(model, dataset, message):
+    from compress.detection.data import check_model_fits_data
+
+    with pytest.raises(ConfigError, match=message):
+        check_model_fits_data(model, dataset)
+    check_model_fits_data(model, "coco" if model.get("source") else "cifar10")  # the fit: quiet
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"name": "cifar10"}, "dataset=cifar10 is not a detection data set"),
+        ({"name": "coco", "image_size": 8}, "dataset.image_size=8 is invalid"),
+    ],
+)
+def test_bad_detection_data_settings_are_one_line(cfg, message):
+    from compress.detection.data import load_detection_data
+
+    with pytest.raises(ConfigError, match=message):
+        load_detection_data(cfg)
