@@ -486,7 +486,8 @@ def explicit_input_quantizers(model: nn.Module) -> nn.Module:
     root: dict[str, object] = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            root[node.target] = quantizers.get(node.target) or _attr(model, node.target)
+            target = node.target
+            root[target] = quantizers[target] if target in quantizers else _attr(model, target)
     out = fx.GraphModule(root, graph, class_name=type(model).__name__)
     if hasattr(model, "arch"):
         out.arch = model.arch
