@@ -160,3 +160,44 @@ def test_bad_detection_data_settings_are_one_line(cfg, message):
 
     with pytest.raises(ConfigError, match=message):
         load_detection_data(cfg)
+
+
+@pytest.mark.slow  # about 8 s on 2 cores (make test-slow)
+def test_the_core_keeps_the_detectors_mode_and_prunes_exactly():
+    """The backbone and the heads' input channels thin together; the head outputs (anchor
+    boxes and class scores per location) stay whole; the thinned core equals the original
+    with the removed channels' input columns zeroed."""
+    import sys
+
+    from compress.prune import channel_graph, l1_importance, select_channels, thin
+    from tests.conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from zoo import columns_zeroed
+
+    torch.manual_seed(0)
+    model = build_detector("ssdlite320_mobilenet_v3_large", num_classes=4, image_size=SIZE)
+    with torch.no_grad():  # BN statistics that are not all 1 / 0
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    core = DetectionTask().core(model.eval())
+    assert not core.training
+    shape = (3, SIZE, SIZE)
+    graph = channel_graph(core, shape, require_bn=False)
+    assert not any(m.training for m in model.modules())  # tracing left the detector in eval
+    _, _, why = graph.frozen_channels()
+    assert set(why) == {"read by an op the channel graph does not follow (getattr)"}  # heads'
+    keep = select_channels(graph, percent=0.3, importance=l1_importance, scope="layer")
+    small = thin(core, keep, shape, require_bn=False).eval()
+    params = [sum(p.numel() for p in m.parameters()) for m in (core, small)]
+    assert params[1] < 0.7 * params[0]
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        got, want = small(x), columns_zeroed(core, graph, keep)(x)
+    for k in ("bbox_regression", "cls_logits"):
+        assert got[k].shape == want[k].shape
+        assert (got[k] - want[k]).abs().max() <= 1e-4 * want[k].abs().max(), k

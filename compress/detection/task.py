@@ -54,6 +54,7 @@ class DetectorCore(nn.Module):
         head = getattr(detector, "head", None)
         self.two_stage = head is None
         self.head = detector.rpn.head if self.two_stage else head
+        self.training = detector.training  # its own flag, else .train() would flip the layers
 
     def forward(self, x: torch.Tensor) -> Any:
         features = self.backbone(x)
