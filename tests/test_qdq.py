@@ -645,6 +645,7 @@ def test_a_layer_whose_output_nothing_reads_is_requantized_without_error():
 def _branches(quant: dict) -> nn.Module:
     from tests.test_quant_sites import Branches, warmed
 
+    torch.manual_seed(0)  # its weights: the same whatever ran before
     return warmed(quantize_(Branches(), quant), (3, 8, 8))
 
 
@@ -693,13 +694,13 @@ def test_an_int8_input_quantizer_keeps_its_negative_codes():
 @pytest.mark.parametrize(
     ("quant", "rel"),
     [
-        (_sites("int8"), 0.01),  # measured 0.0015
-        (_sites("lsq", 8), 0.01),  # 0.0039
-        (_sites("lsq", 4), 0.05),  # 0.013
-        # 0.195: PACT's step here is 6 / 15 = 0.4, and the int32 bias rounding of the layer
-        # before moves one input of `gate` across a level (mean difference 0.001; trained
-        # models agree on >= 99%, test_modern_classifiers_...)
-        (_sites("pact", 4, weight="dorefa"), 0.3),
+        (_sites("int8"), 0.01),  # measured 0.0020
+        (_sites("lsq", 8), 0.01),  # 0.0029
+        (_sites("lsq", 4), 0.05),  # 0.0070
+        # 0.22: PACT's step here is 6 / 15 = 0.4, and the int32 bias rounding of the layer
+        # before moves an input of `gate` across a level now and then (a float sum's order,
+        # 1 or 2 threads, decides which); trained models agree on >= 99%
+        (_sites("pact", 4, weight="dorefa"), 0.4),
     ],
     ids=["int8", "lsq8", "lsq4", "pact4"],
 )
@@ -822,6 +823,7 @@ class _ConvThen(nn.Module):
 def test_a_requantized_output_spends_no_codes_where_the_activation_after_it_is_flat(
     act, functional, lo, hi
 ):
+    torch.manual_seed(0)
     model = _ConvThen(act, functional)
     quantize_(model, _sites("lsq", 8))
     model.train()
