@@ -770,10 +770,11 @@ def test_modern_classifiers_export_every_quantized_conv_as_an_integer_kernel(
     """Hardswish / SiLU outputs, squeeze-excitation products, BN outputs and residual sums: with
     quant.act.sites=inputs every quantized conv of MobileNet-v3 and EfficientNet reads codes, so
     ONNX Runtime runs each one as QLinearConv, and the integer model agrees with the
-    fake-quant one (int8 QAT; >= 99% of top-1 is the bar. Measured on 2 cores: MobileNet-v3-small
-    99.22% after 300 steps, EfficientNet-b0 100% after 200; with 200 / 150 steps, a less sure
-    copy, 98.8% each: the 8-bit requantized conv outputs before each Hardswish / SiLU are not
-    in the QAT model, and their rounding moves the images of small margin)."""
+    fake-quant one (int8 QAT; >= 99% of top-1 is the bar. Measured on 2 cores:
+    MobileNet-v3-small 99.22% (1 thread; 100% with 2) after 300 steps, EfficientNet-b0 100%
+    after 200; with 200 / 150 steps, a less sure copy, 98.8% each: the 8-bit requantized conv
+    outputs before each Hardswish / SiLU are not in the QAT model, and their rounding moves the
+    images of small margin)."""
     model, x, xt = _synthetic_trained(
         name, {**INT8, "act": {**INT8["act"], "sites": "inputs"}}, steps
     )
