@@ -92,17 +92,23 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def build(name: str) -> nn.Module:
     torch.manual_seed(0)
     model = create_model(name, source="torchvision", num_classes=10, **BUILD_KW.get(name, {}))
-    with torch.no_grad():  # BN statistics and scales that are not all 1 / 0
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-        for name, p in model.named_parameters():  # ConvNeXt's 1e-6 would hide its blocks
-            if name.endswith("layer_scale"):
-                p.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomize_norms_(model).eval()
+
+
+@torch.no_grad()
+def randomize_norms_(model: nn.Module) -> nn.Module:
+    """BN statistics and scales that are not all 1 / 0, layer scales near 1 (ConvNeXt's 1e-6
+    would hide its blocks): a wrongly thinned channel then shows in the outputs."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.2, 0.2)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    for name, p in model.named_parameters():
+        if name.endswith("layer_scale"):
+            p.uniform_(0.5, 1.5)
+    return model
 
 
 @torch.no_grad()

@@ -176,17 +176,11 @@ def test_the_core_keeps_the_detectors_mode_and_prunes_exactly():
     from tests.conftest import ROOT
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from zoo import columns_zeroed
+    from zoo import columns_zeroed, randomize_norms_
 
     torch.manual_seed(0)
     model = build_detector("ssdlite320_mobilenet_v3_large", num_classes=4, image_size=SIZE)
-    with torch.no_grad():  # BN statistics that are not all 1 / 0
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
+    randomize_norms_(model)
     core = DetectionTask().core(model.eval())
     assert not core.training
     shape = (3, SIZE, SIZE)

@@ -720,14 +720,10 @@ def test_convnext_blocks_prune_their_hidden_channels_and_freeze_the_normalized_s
     from tests.conftest import ROOT
 
     sys.path.insert(0, str(ROOT / "bench"))
-    from zoo import columns_zeroed
+    from zoo import columns_zeroed, randomize_norms_
 
     torch.manual_seed(0)
-    model = _TinyConvNeXt().eval()
-    with torch.no_grad():  # layer scales of 1e-6 would make a wrong thinning invisible
-        for name, p in model.named_parameters():
-            if name.endswith("layer_scale"):
-                p.uniform_(0.5, 1.5)
+    model = randomize_norms_(_TinyConvNeXt()).eval()  # 1e-6 layer scales would hide a fault
     graph = channel_graph(model, SHAPE, require_bn=False)
     prunable = {layer for g in graph.groups for layer in g.layers}
     assert prunable == {"blocks.0.block.3", "blocks.1.block.3"}  # the 64 hidden of each MLP
