@@ -722,11 +722,14 @@ def test_input_quantized_layers_run_as_integer_convs_in_onnx_runtime(tmp_path, q
 
 
 def _synthetic_trained(
-    name: str, quant: dict, steps: int, finetune: int = 0, sure: float = 0.9
+    name: str, quant: dict, steps: int, finetune: int = 0, sure: float = 0.9, lr: float = 2e-4
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """A torchvision classifier trained on the synthetic set (32x32), and the normalized train
     and test images: QAT from the start (`finetune=0`), or fp32 first and then `finetune` QAT
-    steps of SGD (the flow of a model one already trained; LSQ's learned steps want it)."""
+    steps of Adam at `lr` (the flow of a model one already trained; LSQ's learned steps want it).
+    Measured: SGD + momentum at 0.01 took MobileNet-v3-small's LSQ copy to 72% / 36% / 86% test
+    accuracy for seeds 0 / 1 / 2, and at 0.003 EfficientNet-b0 from 100% to 25% (54% without
+    quantizers: the finetune, not LSQ); Adam at 2e-4 keeps both at 99.2-100% for seeds 0 and 1."""
     from compress.data.datasets import load_synthetic
 
     data = load_synthetic(None, num_train=512, num_test=256)
@@ -752,7 +755,7 @@ def _synthetic_trained(
     fit(torch.optim.Adam(model.parameters(), 2e-3), steps)
     if finetune:
         quantize_(model, quant)
-        fit(torch.optim.SGD(model.parameters(), 0.01, momentum=0.9), finetune)
+        fit(torch.optim.Adam(model.parameters(), lr), finetune)
     model.eval()
     with torch.no_grad():
         assert (model(xt).argmax(1) == data.test.labels).float().mean() > sure
@@ -845,20 +848,25 @@ def test_a_requantized_output_spends_no_codes_where_the_activation_after_it_is_f
     assert check_exact(model, qdq, torch.randn(32, 3, 8, 8))["rel_diff"] < 0.05
 
 
-@pytest.mark.slow  # about a minute on 2 cores (make test-slow)
-def test_lsq_w8a8_mobilenet_runs_every_quantized_conv_as_an_integer_kernel(tmp_path):
-    """LSQ at 8 bits (the W8A8 that maps to int8; DoReFa's 8-bit weights need 9): every
-    quantized conv a QLinearConv too. Its agreement with the fake-quant model is below int8
-    QAT's (measured 96.1% after 150 fp32 + 50 QAT steps, test accuracy 89.8%): its learned
-    steps are finer than the 8-bit ranges the requantized conv outputs before each Hardswish
-    get, which are not in the QAT model, and the differences add up over the blocks."""
+@pytest.mark.slow  # about half a minute each on 2 cores (make test-slow)
+@pytest.mark.parametrize(
+    ("name", "convs", "linears"), [("mobilenet_v3_small", 51, 1), ("efficientnet_b0", 80, 0)]
+)
+def test_lsq_w8a8_modern_classifiers_run_every_quantized_conv_as_an_integer_kernel(
+    tmp_path, name, convs, linears
+):
+    """LSQ at 8 bits (the W8A8 that maps to int8; DoReFa's 8-bit weights need 9), finetuned
+    from a trained fp32 copy: every quantized conv a QLinearConv too, and >= 99% top-1
+    agreement with the fake-quant model over the 768 train and test images (a bar of 7 images;
+    measured on 2 AMD EPYC cores: MobileNet-v3-small 100%, EfficientNet-b0 99.48% on 2 threads,
+    99.87% on 1)."""
     w8a8l = {**W8A8L, "act": {**W8A8L["act"], "sites": "inputs"}}
-    model, x, xt = _synthetic_trained("mobilenet_v3_small", w8a8l, 150, finetune=50, sure=0.85)
+    model, x, xt = _synthetic_trained(name, w8a8l, 150, finetune=50)
     qdq, report = to_qdq(model, list(x[:128].split(64)))
-    assert len(report.integer_layers) == 52
-    agreement = check_exact(model, qdq, xt)["top1_agreement"]
-    print(f"mobilenet_v3_small w8a8l: top-1 agreement {agreement:.2f}%")
-    assert agreement >= 90.0
+    assert len(report.integer_layers) == convs + linears
+    agreement = check_exact(model, qdq, torch.cat([x, xt]))["top1_agreement"]
+    print(f"{name} w8a8l: top-1 agreement {agreement:.2f}%")
+    assert agreement >= 99.0
     path = export_onnx(qdq, tmp_path / "int8.onnx", (3, 32, 32))
     kernels = ort_kernels(path)
-    assert kernels.get("QLinearConv", 0) == 51 and kernels.get("Conv", 0) == 1
+    assert kernels.get("QLinearConv", 0) == convs and kernels.get("Conv", 0) == 1
