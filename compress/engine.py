@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +162,76 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+class Step(NamedTuple):
+    """One training step's result: the loss minimised, the images it saw, and how many of them
+    the model got right (None where a task has no training accuracy, as detection)."""
+
+    loss: torch.Tensor
+    n: int
+    correct: torch.Tensor | None
+
+
+class Task(Protocol):
+    """What the loop needs of a kind of problem (classification, detection): the loss of a batch,
+    the test metrics, and which of them `best.pt` follows. Chosen by the data set, so the loop
+    has no `if detection:` in it (compress.detection.task.DetectionTask is the other one)."""
+
+    name: str
+    metric: str  # the `evaluate` key that `best` follows; higher is better
+
+    def step(self, model: nn.Module, batch: Any) -> Step: ...
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: Any,
+        precision: str = "fp32",
+        dist: Dist | None = None,
+        tta: bool = False,
+    ) -> dict[str, float]: ...
+
+    def keys(self, tta: bool = False) -> tuple[str, ...]: ...
+
+    def describe(self, metrics: dict[str, Any]) -> str: ...
+
+
+class ClassificationTask:
+    """(images, labels) batches: `loss_fn(x, logits, y)` (cross-entropy with the schedule's label
+    smoothing, or a compress.distill.Distiller around it), top-1 as the metric."""
+
+    name = "classification"
+    metric = "acc"
+
+    def __init__(self, loss_fn: LossFn | None = None, label_smoothing: float = 0.0) -> None:
+        self.loss_fn = cross_entropy_loss(label_smoothing) if loss_fn is None else loss_fn
+
+    def step(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Step:
+        x, y = batch
+        out = model(x)
+        loss = self.loss_fn(x, out, y)
+        return Step(loss, len(y), (out.detach().argmax(1) == y).sum())
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: TensorLoader,
+        precision: str = "fp32",
+        dist: Dist | None = None,
+        tta: bool = False,
+    ) -> dict[str, float]:
+        return evaluate(model, loader, precision, dist, tta)  # the module's, looked up per call
+
+    def keys(self, tta: bool = False) -> tuple[str, ...]:
+        """What `evaluate` returns, in this order."""
+        return ("loss", "acc", "acc_tta") if tta else ("loss", "acc")
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        text = f"test loss {metrics['loss']:.4f} acc {metrics['acc']:.2f}%"
+        if "acc_tta" in metrics:
+            text += f" (flip TTA {metrics['acc_tta']:.2f}%)"
+        return text
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -224,19 +294,20 @@ def train_one_epoch(
     loss_fn: LossFn | None = None,
     resume: dict[str, Any] | None = None,
     at_step: StepHook | None = None,
-) -> dict[str, float]:
+    task: Task | None = None,
+) -> dict[str, float | None]:
     """One epoch. `model` may be DDP-wrapped; callbacks get the module underneath. With `dist`
-    enabled the returned loss / accuracy are over all ranks' images. `loss_fn(x, logits, y)`:
-    the loss minimised (default: cross-entropy with the schedule's label smoothing; a
-    compress.distill.Distiller around it for KD).
+    enabled the returned loss / accuracy are over all ranks' images. `task`: what a batch's
+    loss is (default: a ClassificationTask of `loss_fn(x, logits, y)`, itself by default
+    cross-entropy with the schedule's label smoothing; a compress.distill.Distiller around it
+    for KD). The accuracy is None for a task without one (detection).
 
     `resume`: the state of this epoch saved inside it ({step, sums, scaler}, as `at_step`
     gives it; `loader` set to start at that step): the running sums and the GradScaler go on
     from there. `at_step(done, state)`: called after every optimizer step with the steps done
     in the epoch and a function that returns the epoch's state at this boundary (a host sync;
     call it only to save); it may stop the epoch by raising."""
-    if loss_fn is None:
-        loss_fn = cross_entropy_loss(cfg.label_smoothing)
+    task = _task(task, loss_fn, cfg)
     model.train()
     inner = getattr(model, "_orig_mod", model)  # under torch.compile
     inner = inner.module if isinstance(inner, nn.parallel.DistributedDataParallel) else inner
@@ -265,10 +336,11 @@ def train_one_epoch(
         initial=start,
         total=len(loader),
     )
-    for step, (x, y) in enumerate(bar, start):
+    counted = True  # whether the task counts correct answers
+    for step, batch in enumerate(bar, start):
         with autocast(loader.device, cfg.precision):
-            out = model(x)
-            loss = loss_fn(x, out, y)
+            result = task.step(model, batch)
+        loss = result.loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         for cb in callbacks:
@@ -278,9 +350,12 @@ def train_one_epoch(
         scheduler.step()
         for cb in callbacks:
             cb.after_step(inner)
-        total_loss += loss.detach() * len(y)
-        correct += (out.detach().argmax(1) == y).sum()
-        n += len(y)
+        total_loss += loss.detach() * result.n
+        if result.correct is None:
+            counted = False
+        else:
+            correct += result.correct
+        n += result.n
         # A host sync on a GPU: check now and then (the running sum keeps any NaN / inf), and
         # after the last step below, whatever the number of steps
         if step % 25 == 24 and not torch.isfinite(total_loss):
@@ -297,7 +372,16 @@ def train_one_epoch(
             "lower schedule.lr"
         )
     check_finite_weights(inner, dist)
-    return {"acc": 100.0 * correct.item() / max(n, 1), "loss": total_loss.item() / max(n, 1)}
+    acc = 100.0 * correct.item() / max(n, 1) if counted else None
+    return {"acc": acc, "loss": total_loss.item() / max(n, 1)}
+
+
+def _task(task: Task | None, loss_fn: LossFn | None, cfg: TrainConfig) -> Task:
+    if task is None:
+        return ClassificationTask(loss_fn, cfg.label_smoothing)
+    if loss_fn is not None:
+        raise ValueError("pass the loss inside the task (ClassificationTask(loss_fn)), not both")
+    return task
 
 
 def check_finite_weights(model: nn.Module, dist: Dist | None = None) -> None:
@@ -418,9 +502,9 @@ def _wrap(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model)
 
 
-def _kept(history: list[dict[str, Any]], best: float) -> str:
-    """Which epoch best.pt holds (the first to reach the best accuracy), for an error."""
-    epoch = next((h["epoch"] for h in history if h["test_acc"] == best), None)
+def _kept(history: list[dict[str, Any]], best: float, key: str = "test_acc") -> str:
+    """Which epoch best.pt holds (the first to reach the best `key`), for an error."""
+    epoch = next((h["epoch"] for h in history if h.get(key) == best), None)
     return f"best.pt holds epoch {epoch}" if epoch else "no best.pt was written"
 
 
@@ -529,6 +613,7 @@ def fit(
     writer: Any = None,
     dist: Dist | None = None,
     loss_fn: LossFn | None = None,
+    task: Task | None = None,
 ) -> dict[str, Any]:
     """Train `model` for `cfg.epochs`; returns the run's summary.
 
@@ -541,13 +626,19 @@ def fit(
     When enabled the model trains under DistributedDataParallel with `cfg.batch_size` images
     per process per step, and only rank 0 logs, writes `writer` and the checkpoints.
 
-    `loss_fn(x, logits, y)`: the loss (default cross-entropy); a module (a Distiller and its
-    teacher) is moved to the device and memory format of the model.
+    `task`: the loss, metrics and `best` of the problem (default: a ClassificationTask of
+    `loss_fn(x, logits, y)`, cross-entropy by default); a loss that is a module (a Distiller
+    and its teacher) is moved to the device and memory format of the model. History rows and
+    the summary name the task's metrics `test_<key>` (test_acc, test_loss; test_map, ...) and
+    the one `best` follows `best_test_<metric>`.
     """
     dist = current() if dist is None else dist
     cfg = for_device(cfg, device)
     run_dir = Path(run_dir)
-    for m in (model, loss_fn) if isinstance(loss_fn, nn.Module) else (model,):
+    task = _task(task, loss_fn, cfg)
+    target = f"test_{task.metric}"  # the history key best.pt follows
+    loss_module = getattr(task, "loss_fn", None)
+    for m in (model, loss_module) if isinstance(loss_module, nn.Module) else (model,):
         m.to(device)
         if cfg.channels_last:
             m.to(memory_format=torch.channels_last)
@@ -612,7 +703,7 @@ def fit(
             **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
             "history": history,
             "wall_s": wall_s,
-            "test_acc": test_acc,
+            target: test_acc,
         }
 
     def at_step(epoch: int, t0: float, done: int, progress: Callable[[], dict[str, Any]]) -> None:
@@ -634,7 +725,7 @@ def fit(
             )
         check_finite_weights(model, dist)
         if main:
-            previous = history[-1]["test_acc"] if history else None
+            previous = history[-1].get(target) if history else None
             elapsed = wall + time.perf_counter() - t0
             in_state = {"step": done, "steps_per_epoch": steps, "train_sums": sums}
             save_checkpoint(
@@ -666,51 +757,41 @@ def fit(
                 callbacks,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
                 dist=dist,
-                loss_fn=loss_fn,
                 resume=resume,
                 at_step=functools.partial(at_step, epoch, t0),
+                task=task,
             )
             evaluated = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-            none = {"acc": None, "loss": None}
+            te: dict[str, Any] = dict.fromkeys(task.keys(cfg.tta))  # not evaluated: None
             if evaluated:
                 # BN running statistics are per process: every rank evaluates (and rank 0
                 # saves) rank 0's
                 dist.broadcast_buffers(model)
-                te = evaluate(model, test_loader, cfg.precision, dist, cfg.tta)
-                if not math.isfinite(te["loss"]):  # before any checkpoint of this epoch
+                te = task.evaluate(model, test_loader, cfg.precision, dist, cfg.tta)
+                bad = {k: v for k, v in te.items() if not math.isfinite(v)}
+                if bad:  # before any checkpoint of this epoch
+                    k, v = next(iter(bad.items()))
+                    what = "test loss" if k == "loss" else f"test {k}"
                     raise DivergenceError(
-                        f"training diverged: the test loss is {te['loss']} after epoch "
-                        f"{epoch + 1} ({_kept(history, best)}); lower schedule.lr"
+                        f"training diverged: the {what} is {v} after epoch "
+                        f"{epoch + 1} ({_kept(history, best, target)}); lower schedule.lr"
                     )
-            else:
-                te = none
             wall += time.perf_counter() - t0
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": tr["loss"],
-                "train_acc": tr["acc"],
-                "test_loss": te["loss"],
-                "test_acc": te["acc"],
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            if cfg.tta:
-                row["test_acc_tta"] = te.get("acc_tta")
+            row = {"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"]}
+            tta_keys = [k for k in te if k.endswith("_tta")]  # after lr, as they came
+            row |= {f"test_{k}": v for k, v in te.items() if k not in tta_keys}
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            row |= {f"test_{k}": te[k] for k in tta_keys}
             history.append(row)
             if main:
-                test = (
-                    f"test loss {te['loss']:.4f} acc {te['acc']:.2f}%"
-                    if evaluated
-                    else "not evaluated"
-                )
-                if evaluated and cfg.tta:
-                    test += f" (flip TTA {te['acc_tta']:.2f}%)"
+                acc = "" if tr["acc"] is None else f" acc {tr['acc']:.2f}%"
                 log.info(
-                    "epoch %d/%d  train loss %.4f acc %.2f%%  %s  (%.0fs)",
+                    "epoch %d/%d  train loss %.4f%s  %s  (%.0fs)",
                     epoch + 1,
                     cfg.epochs,
                     tr["loss"],
-                    tr["acc"],
-                    test,
+                    acc,
+                    task.describe(te) if evaluated else "not evaluated",
                     time.perf_counter() - t0,
                 )
             if writer is not None and main:
@@ -720,16 +801,17 @@ def fit(
             for cb in callbacks:
                 cb.on_epoch_end(epoch + 1, model, writer if main else None)
             # every rank has the same (all-reduced) accuracy, so all agree on `best`
-            improved = evaluated and te["acc"] > best
+            score = te[task.metric]
+            improved = evaluated and score > best
             if improved:
-                best = te["acc"]
+                best = score
             if main:
                 state = checkpoint_state(model, **extra)
                 if improved:
                     save_checkpoint(
-                        run_dir / "best.pt", {**state, "epoch": epoch + 1, "test_acc": te["acc"]}
+                        run_dir / "best.pt", {**state, "epoch": epoch + 1, target: score}
                     )
-                save_checkpoint(last, resumable(epoch + 1, wall, te["acc"], state))
+                save_checkpoint(last, resumable(epoch + 1, wall, score, state))
             # a signal during the evaluation: stop now that the epoch is saved (after the last
             # epoch the run just finishes)
             if epoch + 1 < cfg.epochs and stop.requested(dist, device):
@@ -741,11 +823,9 @@ def fit(
         log.warning("%s arrived as training ended: the run finishes", stop.name)
     dist.barrier()  # rank 0's checkpoints are on disk when any rank returns
     final = history[-1]
-    tta = {"test_acc_tta": final["test_acc_tta"]} if "test_acc_tta" in final else {}
     return {
-        "test_acc": final["test_acc"],
-        **tta,
-        "best_test_acc": best,
+        **{k: v for k, v in final.items() if k.startswith("test_") and k != "test_loss"},
+        f"best_{target}": best,
         "epochs": cfg.epochs,
         "wall_s": wall,
         "history": history,
