@@ -32,6 +32,7 @@ from compress.distributed import (
 from compress.errors import CompressError, ConfigError
 from compress.pipeline import run_pipeline
 from compress.tasks.common import resolve_device
+from compress.tasks.train import headline
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
@@ -49,12 +50,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             if dist.is_main:
                 OmegaConf.save(cfg, run_dir / "config.yaml")
             metrics = run_pipeline(configstore.plain_config(cfg), run_dir)
+            text, score = headline(metrics)
             if dist.is_main:
-                print(
-                    f"test accuracy: {metrics['test_acc']:.2f}% "
-                    f"(best {metrics['best_test_acc']:.2f}%)  run dir: {run_dir}"
-                )
-            return metrics["test_acc"]
+                print(f"{text}  run dir: {run_dir}")
+            return score
         except (CompressError, FloatingPointError):
             quiet_unless_alone(dist.rank)
             raise

@@ -38,14 +38,14 @@ from compress.quant.api import input_report  # noqa: E402
 
 SIZE = 64
 # models whose input size is part of their architecture, or that need more than SIZE
-SIZES = {"inception_v3": 80, "vit_h_14": 70}
+SIZES = {"inception_v3": 80, "vit_h_14": 70, "maxvit_t": 224}  # maxvit: 7x7 windows at /32
 BUILD_KW = {
     "vit_b_16": {"image_size": SIZE},
     "vit_b_32": {"image_size": SIZE},
     "vit_l_16": {"image_size": SIZE},
     "vit_l_32": {"image_size": SIZE},
     "vit_h_14": {"image_size": 70},
-    "maxvit_t": {"input_size": (SIZE, SIZE)},
+    "maxvit_t": {"input_size": (224, 224)},
     "inception_v3": {"aux_logits": False, "init_weights": False},
     "googlenet": {"aux_logits": False, "init_weights": False},
 }
@@ -166,7 +166,11 @@ def check(name: str) -> dict[str, Any]:
     shape = (3, size, size)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"model": name, "input": size}
-    model = build(name)
+    try:
+        model = build(name)
+    except Exception as e:  # a result too: the table says why
+        row["build_error"] = _first_line(e)
+        return row
     x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(x)
@@ -236,6 +240,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     )
     lines = []
     for r in rows:
+        if "build_error" in r:
+            error = r["build_error"].replace("|", "/")[:80]
+            lines.append(f"| {r['model']} | {r['input']} | error: {error} |" + " |" * 8)
+            continue
         pruned = f"{r['params_pruned'] / r['params']:.1%}" if "params_pruned" in r else ""
         frozen = f"{r['frozen_share']:.0%}" if "frozen_share" in r else ""
         quant = (

@@ -15,6 +15,35 @@ from compress.errors import ConfigError
 SIZE = 96
 
 
+@pytest.fixture(scope="module")
+def det_data(cifar_root, tmp_path_factory):
+    """A 16 / 8-canvas cifar10_det at 64 px."""
+    from compress.detection.data import load_detection_data
+
+    build = tmp_path_factory.mktemp("det")
+    cfg = {"name": "cifar10_det", "root": str(cifar_root), "build_dir": str(build)}
+    return load_detection_data(cfg | {"num_train": 16, "num_val": 8, "image_size": 64})
+
+
+def _det_run_cfg(data, **overrides) -> dict:
+    """train.run's config for an SSDlite on `det_data` (its build folder reused)."""
+    root = data.train.root
+    dataset = {"name": "cifar10_det", "root": str(root), "build_dir": str(root)}
+    dataset |= {"num_train": 16, "num_val": 8, "image_size": 64}
+    cfg = {
+        "seed": 0,
+        "device": "cpu",
+        "resume": False,
+        "init_from": None,
+        "model": {"source": "torchvision_det", "name": "ssdlite320_mobilenet_v3_large"},
+        "dataset": dataset,
+        "quant": {"name": "fp32", "weight": {"kind": "fp32"}, "act": {"kind": "fp32"}},
+        "schedule": {"epochs": 2, "batch_size": 4, "eval_batch_size": 8, "lr": 0.01},
+    }
+    cfg["schedule"]["progress"] = False
+    return {**cfg, **overrides}
+
+
 def _batch(n: int = 2, seed: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
     """Noise images, each with one bright square of a class-coloured channel and its box."""
     g = torch.Generator().manual_seed(seed)
@@ -110,7 +139,7 @@ def test_the_core_is_one_traceable_module_sharing_the_detectors_layers(name, out
 
 
 def test_cifar10_det_builds_once_and_reads_as_coco(cifar_root, tmp_path):
-    from compress.detection.data import load_detection_data, loaders
+    from compress.detection.data import load_detection_data
 
     cfg = {"name": "cifar10_det", "root": str(cifar_root), "build_dir": str(tmp_path / "det")}
     cfg |= {"num_train": 8, "num_val": 4, "image_size": 64}
@@ -120,11 +149,37 @@ def test_cifar10_det_builds_once_and_reads_as_coco(cifar_root, tmp_path):
     stamp = (tmp_path / "det" / "cifar10_det.json").stat().st_mtime_ns
     assert load_detection_data(cfg).num_classes == 11  # the cached build, not a new one
     assert (tmp_path / "det" / "cifar10_det.json").stat().st_mtime_ns == stamp
-    train, test = loaders(data, batch_size=4)
+    train, test = data.loaders(4, 4)
     images, targets = next(iter(test))
     assert [tuple(x.shape) for x in images] == [(3, 64, 64)] * 4
     assert all(t["boxes"].shape[1] == 4 and len(t["boxes"]) == len(t["labels"]) for t in targets)
     assert all(((t["labels"] >= 1) & (t["labels"] <= 10)).all() for t in targets)
+    assert (len(train), len(test)) == (2, 1)
+
+
+def _ids_and_boxes(loader) -> list[tuple[list[int], list[torch.Tensor]]]:
+    return [([t["image_id"] for t in ts], [t["boxes"].clone() for t in ts]) for _, ts in loader]
+
+
+def _same(a: list, b: list) -> bool:
+    """The same images in the same batches, with the same (augmented) boxes."""
+    ids = [i for i, _ in a] == [i for i, _ in b]
+    boxes = [x for _, xs in a for x in xs], [y for _, ys in b for y in ys]
+    return ids and all(torch.equal(x, y) for x, y in zip(*boxes, strict=True))
+
+
+def test_detection_batches_depend_only_on_seed_and_epoch_and_resume_inside_one(det_data):
+    """The engine's loader contract: epoch k's order and each image's augmentation (boxes moved
+    by the random crop and flip) are the same in every pass, another epoch differs, and
+    set_epoch(k, start=1) yields exactly the batches after the first."""
+    train, _ = det_data.loaders(4, 4, seed=3)
+    train.set_epoch(1)
+    first = _ids_and_boxes(train)
+    assert _same(first, _ids_and_boxes(train))
+    train.set_epoch(2)
+    assert [ids for ids, _ in _ids_and_boxes(train)] != [ids for ids, _ in first]
+    train.set_epoch(1, start=1)
+    assert _same(_ids_and_boxes(train), first[1:])
 
 
 @pytest.mark.parametrize(
@@ -198,3 +253,96 @@ def test_the_core_keeps_the_detectors_mode_and_prunes_exactly():
     for k in ("bbox_regression", "cls_logits"):
         assert got[k].shape == want[k].shape
         assert (got[k] - want[k]).abs().max() <= 1e-4 * want[k].abs().max(), k
+
+
+def test_a_detection_data_set_trains_a_detector_through_the_train_task(det_data, tmp_path):
+    """train.run on cifar10_det: the task follows from the data set, mAP is the metric that
+    best.pt follows and metrics.json reports, and a resumed run goes on from last.pt."""
+    from compress.checkpoint import load_checkpoint
+    from compress.tasks import train
+
+    cfg = _det_run_cfg(det_data)
+    cfg["schedule"]["epochs"] = 1  # then resumed to its 2
+    metrics = train.run(cfg, tmp_path)
+    assert metrics["model"] == "torchvision_det/ssdlite320_mobilenet_v3_large"
+    assert {"map", "map50", "map75", "map_small", "best_map"} <= set(metrics)
+    assert "test_acc" not in metrics and 0 <= metrics["map"] <= metrics["map50"] <= 100
+    row = metrics["history"][0]
+    assert row["train_acc"] is None and row["test_map"] == metrics["map"]
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["test_map"] == metrics["best_map"] and best["arch"]["image_size"] == 64
+    assert metrics["macs"] > 1e6 and metrics["params"] == sum(
+        p.numel() for p in build_detector("ssdlite320_mobilenet_v3_large", 11, 64).parameters()
+    )
+    resumed = train.run(_det_run_cfg(det_data, resume=True), tmp_path)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+    assert resumed["history"][0] == row
+    assert resumed["best_map"] == max(h["test_map"] for h in resumed["history"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"distill": {"kind": "kd"}}, "distill=kd distils classifiers' logits"),
+        ({"sparsity": {"enabled": True}}, "sparse training of detectors is not in yet"),
+        ({"schedule": {"tta": True}}, "schedule.tta=true is for classifiers"),
+    ],
+    ids=["distill", "sparsity", "tta"],
+)
+def test_what_a_detector_does_not_train_with_yet_is_one_line(
+    det_data, tmp_path, overrides, message
+):
+    from compress.tasks import train
+
+    cfg = _det_run_cfg(det_data)
+    if "schedule" in overrides:
+        overrides = {"schedule": {**cfg["schedule"], **overrides["schedule"]}}
+    with pytest.raises(ConfigError, match=message):
+        train.run({**cfg, **overrides}, tmp_path)
+    assert not (tmp_path / "last.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        {
+            "name": "int8_qat",
+            "weight": {"kind": "int8"},
+            "act": {"kind": "int8", "sites": "inputs"},
+        },
+        {"name": "w4a4l", "weight": {"kind": "lsq", "bits": 4}, "act": {"kind": "lsq", "bits": 4}},
+    ],
+    ids=["int8_qat", "w4a4l"],
+)
+def test_a_detector_trains_quantized_and_its_checkpoint_rebuilds_it(det_data, tmp_path, quant):
+    """QAT of the core: the first conv and every prediction conv of the heads (the layers whose
+    outputs are the core's) stay float, the rest are quantized; with sites=inputs every one
+    reads k-bit input. The checkpoint rebuilds the same quantized detector."""
+    from compress.checkpoint import load_checkpoint
+    from compress.quant import QConv2d
+    from compress.spec import model_from_checkpoint
+    from compress.tasks import train
+
+    cfg = _det_run_cfg(det_data, quant=quant)
+    cfg["schedule"]["epochs"] = 1
+    metrics = train.run(cfg, tmp_path)
+    assert (metrics["w_bits"], metrics["a_bits"]) == ((8, 8) if "int8" in quant["name"] else (4, 4))
+    state = load_checkpoint(tmp_path / "last.pt")
+    model = model_from_checkpoint(state).eval()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    floats = sorted(n for n, m in layers.items() if not isinstance(m, QConv2d))
+    heads = [
+        f"head.{h}_head.module_list.{i}.1"
+        for h in ("classification", "regression")
+        for i in range(6)
+    ]
+    assert floats == sorted(["backbone.features.0.0.0", *heads])
+    if "int8" in quant["name"]:
+        assert metrics["kbit_input_layers"] == len(layers) - 13
+        assert metrics["float_input_layers"] == {}
+    plain = model_from_checkpoint(state, quantized=False).eval()  # the same weights, float
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = DetectionTask().core(model)(x), DetectionTask().core(plain)(x)
+    assert all(a[k].shape == b[k].shape and not torch.equal(a[k], b[k]) for k in a)
+    assert all((a[k] - b[k]).abs().max() < 0.5 * b[k].abs().max() for k in a)  # close, not equal

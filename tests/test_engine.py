@@ -362,3 +362,45 @@ def test_fit_flips_training_images_by_default_and_times_its_epochs(tmp_path, mon
     took = time.perf_counter() - t0
     assert seen["flip"] is True
     assert 0 < summary["wall_s"] <= took  # the epochs' own time, within the call's
+
+
+CPU = torch.device("cpu")
+
+
+class _ScoredTask(engine.ClassificationTask):
+    """Classification's loss with another metric: `score`, falling after the first epoch, so
+    best.pt must follow the task's metric, not the accuracy."""
+
+    metric = "score"
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__()
+        self.scores = list(scores)
+
+    def evaluate(self, model, loader, precision="fp32", dist=None, tta=False):
+        return {"score": self.scores.pop(0)}
+
+    def keys(self, tta=False):
+        return ("score",)
+
+    def describe(self, metrics):
+        return f"score {metrics['score']:.1f}"
+
+
+def test_fit_follows_the_tasks_metric_into_history_best_pt_and_the_summary(tmp_path, caplog):
+    from compress.data.datasets import load_synthetic
+
+    data = load_synthetic(None, num_train=32, num_test=16)
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, channels=[4] * 9)
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, progress=False)
+    with caplog.at_level("INFO", logger="compress.engine"):
+        summary = engine.fit(model, data, cfg, tmp_path, CPU, task=_ScoredTask([5.0, 1.0, 2.0]))
+    assert [h["test_score"] for h in summary["history"]] == [5.0, 1.0, 2.0]
+    assert "test_acc" not in summary["history"][0]
+    assert summary["test_score"] == 2.0 and summary["best_test_score"] == 5.0
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert (best["epoch"], best["test_score"]) == (1, 5.0)
+    assert "score 1.0" in caplog.text and "train loss" in caplog.text
+    with pytest.raises(ValueError, match="pass the loss inside the task"):
+        engine.fit(model, data, cfg, tmp_path, CPU, task=_ScoredTask([1.0]), loss_fn=print)

@@ -21,7 +21,8 @@ LAYERS = {
     "compress.models": 1,
     "compress.data": 1,
     "compress.metrics": 1,
-    "compress.detection": 1,  # its metric so far; the detection task will sit higher
+    "compress.detection": 1,  # its data, models and metric
+    "compress.detection.task": 4,  # the engine's Task for detectors
     "compress.distributed": 1,
     "compress.quant": 2,
     "compress.distill": 2,

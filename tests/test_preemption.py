@@ -286,13 +286,13 @@ def test_a_streamed_image_folder_resumes_inside_the_epoch(workers, tmp_path, mon
     assert (state["epoch"], state["step"], state["steps_per_epoch"]) == (1, 3, 4)
 
     reads = {"n": 0}
-    real = folder_data._SeededSamples.__getitem__
+    real = folder_data.SeededSamples.__getitem__
 
     def counted(self, i):
         reads["n"] += 1
         return real(self, i)
 
-    monkeypatch.setattr(folder_data._SeededSamples, "__getitem__", counted)
+    monkeypatch.setattr(folder_data.SeededSamples, "__getitem__", counted)
     assert train_in_process(run, *streamed, "schedule.checkpoint_every=3", "resume=true") == 0
     if not workers:  # (workers count in their own memory)
         assert reads["n"] == 4  # one batch: the three before it were not read again

@@ -87,6 +87,29 @@ def test_first_and_last_layers_follow_execution_order():
     assert isinstance(model.body, QConv2d)
 
 
+class TwoHeads(nn.Module):
+    """A body and two heads, one of them a conv and a linear after it, as a detector's core
+    returns its class scores and box offsets: the layers whose outputs are the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.scores = nn.Conv2d(8, 4, 1)
+        self.box_hidden, self.boxes = nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = torch.relu(self.body(torch.relu(self.stem(x))))
+        z = self.box_hidden(y).mean((2, 3)).relu()
+        return {"scores": self.scores(y).flatten(1), "boxes": self.boxes(z) * 2}
+
+
+def test_every_layer_that_makes_an_output_stays_float_with_keep_first_last():
+    model = quantize_(TwoHeads(), {**W4A4, "act": {"kind": "fp32"}})
+    floats = sorted(n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear))
+    assert floats == ["boxes", "scores", "stem"]  # box_hidden feeds another layer: quantized
+    assert isinstance(model.box_hidden, QConv2d) and isinstance(model.body, QConv2d)
+
+
 class MyConv(nn.Conv2d):
     """A Conv2d subclass with a forward of its own."""
 

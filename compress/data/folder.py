@@ -121,14 +121,14 @@ def collate_readable(
     return x, y, skipped
 
 
-class _SeededSamples(Dataset):
-    """Samples of a training split whose random crop and flip are seeded by (seed, epoch, index).
+class SeededSamples(Dataset):
+    """Samples of a training split whose augmentation is seeded by (seed, epoch, index).
 
     So the augmentation of epoch k is the same whatever the number of workers, and a resumed
     run sees the same images; the global RNG of the process is left as it was.
     """
 
-    def __init__(self, split: FolderSplit, base_seed: int) -> None:
+    def __init__(self, split: Dataset, base_seed: int) -> None:
         self.split, self.base_seed = split, base_seed
 
     def __len__(self) -> int:
@@ -252,7 +252,7 @@ class FolderLoader:
         """The epoch's torch DataLoader of uint8 (x, y) batches on the host."""
         base_seed = self.seed * 100003 + self.epoch
         sampler = self.sampler()
-        data = _SeededSamples(self.split, base_seed) if self.train else self.split
+        data = SeededSamples(self.split, base_seed) if self.train else self.split
         return DataLoader(
             data,
             batch_size=self.batch_size,

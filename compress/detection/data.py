@@ -6,6 +6,7 @@ classifier (`check_model_fits_data`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ import torch
 
 from compress.data import cifar_det
 from compress.data.coco import CocoDetection, collate, eval_transforms, train_transforms
+from compress.data.folder import EpochSampler, SeededSamples, leave_stop_signals
 from compress.errors import ConfigError
+
+Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 
 DETECTION_DATASETS = ("coco", "cifar10_det")
 DETECTION_MODEL_SOURCES = ("torchvision_det",)
@@ -32,6 +36,82 @@ class DetectionData:
     def num_classes(self) -> int:
         """What a torchvision detector is built with: the classes and the background (0)."""
         return len(self.classes) + 1
+
+    in_channels = 3  # RGB: what torchvision's detectors read
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The images the detector's core reads (its transform resizes every image to this)."""
+        return (3, self.image_size, self.image_size)
+
+    def loaders(
+        self,
+        batch_size: int,
+        eval_batch_size: int,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        channels_last: bool = False,
+        shard: tuple[int, int] | None = None,
+        workers: int = 0,
+    ) -> tuple[DetectionLoader, DetectionLoader]:
+        """The engine's (train, test) loaders (compress.engine.make_loaders' streaming form)."""
+        if shard is not None and shard[1] > 1:
+            raise ConfigError("detectors train in one process for now: run without torchrun")
+        train = DetectionLoader(self.train, batch_size, device, True, seed, workers)
+        test = DetectionLoader(self.test, eval_batch_size, device, False, seed, workers)
+        return train, test
+
+
+class DetectionLoader:
+    """(images, targets) batches on `device`, as lists (the sizes and box counts differ), with
+    TensorLoader's interface: the order of epoch k and each image's augmentation depend only on
+    (seed, k, index), and `set_epoch(k, start)` resumes inside an epoch without reading the
+    batches before `start`. Training drops a last partial batch (unless it is the only one)."""
+
+    def __init__(
+        self,
+        split: CocoDetection,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        train: bool = False,
+        seed: int = 0,
+        workers: int = 0,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} is invalid: expected a positive integer")
+        self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
+        self.device, self.workers = torch.device(device), workers
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        n, b = len(self.split), self.batch_size
+        return n // b if self.train and n >= b else -(-n // b)
+
+    def __iter__(self) -> Iterator[Batch]:
+        base_seed = self.seed * 100003 + self.epoch
+        order = EpochSampler(len(self.split), self.train, self.seed, self.epoch).indices()
+        loader = torch.utils.data.DataLoader(
+            SeededSamples(self.split, base_seed) if self.train else self.split,
+            batch_size=self.batch_size,
+            sampler=order[self.start * self.batch_size :].tolist(),
+            num_workers=self.workers,
+            drop_last=self.train and len(self.split) >= self.batch_size,
+            collate_fn=collate,
+            worker_init_fn=leave_stop_signals,
+            generator=torch.Generator().manual_seed(base_seed),
+        )
+        for images, targets in loader:
+            yield (
+                [im.to(self.device) for im in images],
+                [{k: _to(v, self.device) for k, v in t.items()} for t in targets],
+            )
+
+
+def _to(v: Any, device: torch.device) -> Any:
+    return v.to(device) if isinstance(v, torch.Tensor) else v
 
 
 def is_detection_dataset(name: str | None) -> bool:
@@ -65,17 +145,6 @@ def load_detection_data(cfg: dict[str, Any]) -> DetectionData:
             f"dataset.root={root}: the train and val annotation files list different categories"
         )
     return DetectionData(str(name), train, test, train.index.classes, size)
-
-
-def loaders(
-    data: DetectionData, batch_size: int, seed: int = 0, workers: int = 0
-) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """Shuffled (seeded) training batches and ordered evaluation batches, as lists."""
-    g = torch.Generator().manual_seed(seed)
-    common = {"batch_size": batch_size, "collate_fn": collate, "num_workers": workers}
-    train = torch.utils.data.DataLoader(data.train, shuffle=True, generator=g, **common)
-    test = torch.utils.data.DataLoader(data.test, shuffle=False, **common)
-    return train, test
 
 
 def check_model_fits_data(model_cfg: dict[str, Any], dataset_name: str | None) -> None:

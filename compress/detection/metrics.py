@@ -33,7 +33,14 @@ class DetectionMAP:
 
     def update(self, preds: list[dict[str, torch.Tensor]], targets: list[dict[str, Any]]) -> None:
         self.metric.update(
-            [{k: p[k].detach().cpu() for k in ("boxes", "scores", "labels")} for p in preds],
+            [  # float32: a bf16 autocast's boxes and scores too
+                {
+                    "boxes": p["boxes"].detach().cpu().float(),
+                    "scores": p["scores"].detach().cpu().float(),
+                    "labels": p["labels"].detach().cpu(),
+                }
+                for p in preds
+            ],
             [
                 {"boxes": torch.as_tensor(t["boxes"]).cpu(), "labels": t["labels"].cpu()}
                 for t in targets

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -52,3 +53,36 @@ def build_detector(name: str, num_classes: int, image_size: int, **kwargs: Any) 
     if hasattr(model, "detections_per_img"):  # COCO mAP counts each image's 100 best
         model.detections_per_img = min(model.detections_per_img, 100)
     return model
+
+
+def is_detector(model: nn.Module) -> bool:
+    """A model with torchvision's detection interface: an input transform, a backbone, and a
+    head (one-stage: SSD, RetinaNet, FCOS) or a region proposal network (two-stage)."""
+    return all(hasattr(model, k) for k in ("transform", "backbone")) and (
+        hasattr(model, "head") or hasattr(model, "rpn")
+    )
+
+
+def core_of(model: nn.Module) -> nn.Module:
+    """What quantization, pruning, fusion and export see of `model`: a detector's traceable
+    core (DetectorCore), any other model itself."""
+    return DetectorCore(model) if is_detector(model) else model
+
+
+class DetectorCore(nn.Module):
+    """backbone (+ FPN) -> head of a one-stage torchvision detector (SSD, RetinaNet, FCOS),
+    or backbone (+ FPN) -> RPN head of a two-stage one; shares the detector's modules, so
+    what is done to the core's layers (quantizers, thinning) is done to the detector's."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = detector.backbone
+        head = getattr(detector, "head", None)
+        self.two_stage = head is None
+        self.head = detector.rpn.head if self.two_stage else head
+        self.training = detector.training  # its own flag, else .train() would flip the layers
+
+    def forward(self, x: torch.Tensor) -> Any:
+        features = self.backbone(x)
+        maps = list(features.values()) if isinstance(features, dict) else [features]
+        return self.head(maps)

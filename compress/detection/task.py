@@ -1,4 +1,5 @@
-"""What a detector's training and evaluation need from the engine, in one object: its loss
+"""What a detector's training and evaluation need from the engine, in one object (the engine's
+Task, as compress.engine.ClassificationTask is the classifier's): its loss
 (torchvision detectors compute their own losses in training mode), its metric (COCO mAP) and
 the part of the model that quantization, pruning, fusion and export see (`core`: backbone,
 neck and heads as one traceable module; the input transform, anchors, box decoding and NMS
@@ -12,12 +13,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.detection.metrics import DetectionMAP
+from compress.detection.metrics import KEYS, NAMES, DetectionMAP
+from compress.detection.models import DetectorCore, core_of
+from compress.distributed import Dist
+from compress.engine import Step, autocast
+from compress.errors import ConfigError
+
+__all__ = ["DetectionTask", "DetectorCore"]
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
 
 
 class DetectionTask:
+    """The engine's Task for (images, targets) batches of torchvision's detection format."""
+
     name = "detection"
     metric = "map"  # what "best" means: COCO mAP@[.5:.95]
 
@@ -27,39 +36,47 @@ class DetectionTask:
         losses = model(images, [_plain(t) for t in targets])
         return sum(losses.values())  # type: ignore[return-value]
 
+    def step(self, model: nn.Module, batch: Batch) -> Step:
+        return Step(self.loss(model, batch), len(batch[0]), None)
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Iterable[Batch]) -> dict[str, float]:
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: Iterable[Batch],
+        precision: str = "fp32",
+        dist: Dist | None = None,
+        tta: bool = False,
+    ) -> dict[str, float]:
         """COCO mAP@[.5:.95] (`map`), mAP@.5 (`map50`) and per-size AP, in percent."""
+        if tta:
+            raise ConfigError("schedule.tta=true is for classifiers: a detector has no flip TTA")
+        if dist is not None and dist.enabled:
+            raise ConfigError(
+                "detectors train in one process for now: their mAP over torchrun ranks is not "
+                "gathered; run without torchrun"
+            )
         was = model.training
         model.eval()
         metric = DetectionMAP()
+        device = getattr(loader, "device", torch.device("cpu"))
         for images, targets in loader:
-            metric.update(model(images), [_plain(t) for t in targets])
+            with autocast(device, precision):
+                preds = model(images)
+            metric.update(preds, [_plain(t) for t in targets])
         model.train(was)
         return metric.compute()
+
+    def keys(self, tta: bool = False) -> tuple[str, ...]:
+        return tuple(NAMES.get(k, k) for k in KEYS)
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        return f"test mAP {metrics['map']:.2f} mAP@.5 {metrics['map50']:.2f}"
 
     def core(self, model: nn.Module) -> nn.Module:
         """The traceable compute of `model`: images (a normalized, resized batch tensor) in,
         the heads' raw outputs out."""
-        return DetectorCore(model)
-
-
-class DetectorCore(nn.Module):
-    """backbone (+ FPN) -> head of a one-stage torchvision detector (SSD, RetinaNet, FCOS),
-    or backbone (+ FPN) -> RPN head of a two-stage one; shares the detector's modules."""
-
-    def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
-        self.backbone = detector.backbone
-        head = getattr(detector, "head", None)
-        self.two_stage = head is None
-        self.head = detector.rpn.head if self.two_stage else head
-        self.training = detector.training  # its own flag, else .train() would flip the layers
-
-    def forward(self, x: torch.Tensor) -> Any:
-        features = self.backbone(x)
-        maps = list(features.values()) if isinstance(features, dict) else [features]
-        return self.head(maps)
+        return core_of(model)
 
 
 def _plain(target: dict[str, Any]) -> dict[str, Any]:

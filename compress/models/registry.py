@@ -1,9 +1,11 @@
 """Model registry: `@register_model` builders, looked up by name with `create_model`, and the
-two sources from outside the zoo: torchvision classification builders and a user's own
-builder named by its import path (Hydra's `_target_` style)."""
+sources from outside the zoo: torchvision classification builders, torchvision detectors
+(`torchvision_det`, at a CPU size: compress.detection.models) and a user's own builder named
+by its import path (Hydra's `_target_` style)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Callable
@@ -11,10 +13,11 @@ from typing import Any
 
 from torch import nn
 
+from compress.detection.models import build_detector, detector_names
 from compress.errors import ConfigError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
-SOURCES = ("zoo", "torchvision", "custom")
+SOURCES = ("zoo", "torchvision", "torchvision_det", "custom")
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -95,6 +98,10 @@ def _builder(source: str, name: str | None, target: str | None) -> Callable[...,
                 f"of {', '.join(names[:8])}, ... ({len(names)} in all)"
             )
         return tvm.get_model_builder(name)
+    if source == "torchvision_det":
+        if name not in detector_names():
+            build_detector(str(name), 2, 64)  # its one line naming the choices
+        return functools.partial(build_detector, name)
     if name not in _MODELS:
         raise ConfigError(f"model={name!r} is unknown: expected one of {', '.join(list_models())}")
     return _MODELS[name]
@@ -111,12 +118,14 @@ def create_model(
     `model.arch` is stored in checkpoints so a model, pruned or not, is rebuilt from it alone.
     """
     fn = _builder(source, name, target)
-    what = {"zoo": f"model={name}", "torchvision": f"torchvision model {name}"}.get(
-        source, f"model.target={target}"
-    )
+    what = {
+        "zoo": f"model={name}",
+        "torchvision": f"torchvision model {name}",
+        "torchvision_det": f"torchvision detector {name}",
+    }.get(source, f"model.target={target}")
     model, args = _call(fn, what, kwargs)
     head = {"name": name} if source == "zoo" else {"source": source}
-    if source == "torchvision":
+    if source in ("torchvision", "torchvision_det"):
         head["name"] = name
     if source == "custom":
         head["target"] = target

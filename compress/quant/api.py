@@ -4,7 +4,9 @@ cfg (the `quant` config group, as a dict):
   weight: {kind: fp32|dorefa|ternary|binary|int8|lsq, bits, gap, scale, center, clip}
   act:    {kind: fp32|dorefa|pact|ternary|binary|int8|lsq, bits, threshold, grad, clip_init,
            signed}
-  keep_first_last: keep the first and the last conv / linear layer (in execution order) float
+  keep_first_last: keep the first conv / linear layer (in execution order) and the last ones
+                   (those whose outputs reach the model's output: a classifier's last linear,
+                   each prediction conv of a detector's heads) float
   keep: names of further conv / linear layers to keep full precision
 
 Weights go through a handler table keyed by exact type (torchao's shape): a Conv2d subclass
@@ -30,6 +32,7 @@ import torch.fx as fx
 from torch import nn
 
 from compress.config import validate_quant
+from compress.detection.models import core_of
 from compress.errors import ConfigError
 from compress.models.blocks import Activation
 from compress.quant.int8 import Int8Act
@@ -89,23 +92,50 @@ class _OrderTracer(fx.Tracer):
         return isinstance(m, QConv2d | QLinear | Activation) or super().is_leaf_module(m, qualname)
 
 
-def execution_order(model: nn.Module, names: list[str]) -> list[str]:
-    """`names` sorted by when forward first calls them (FX trace); registration order, with a
-    notice, for a model that cannot be traced."""
+def _order_graph(model: nn.Module) -> fx.Graph | None:
+    """The FX graph of `model` with its layers as leaves; None, with a notice, when it cannot
+    be traced."""
     try:
-        graph = _OrderTracer().trace(model)
+        return _OrderTracer().trace(model)
     except Exception as e:  # any tracing failure: fall back, the order is only a default
         log.warning(
             "quant: cannot trace %s (%s); first / last layers taken in registration order",
             type(model).__name__,
             str(e).splitlines()[0] if str(e) else type(e).__name__,
         )
+        return None
+
+
+def execution_order(model: nn.Module, names: list[str], graph: fx.Graph | None = None) -> list[str]:
+    """`names` sorted by when forward first calls them (FX trace); registration order for a
+    model that cannot be traced."""
+    graph = _order_graph(model) if graph is None else graph
+    if graph is None:
         return names
     seen: list[str] = []
     for node in graph.nodes:
         if node.op == "call_module" and node.target in names and node.target not in seen:
             seen.append(node.target)
     return seen + [n for n in names if n not in seen]  # layers forward never calls: last
+
+
+def output_layers(graph: fx.Graph, names: list[str]) -> list[str]:
+    """The layers of `names` whose outputs reach the model's output with no other one of them
+    in between, in execution order: a classifier's last linear; each prediction conv of a
+    detector core's heads (class scores and box offsets per feature map)."""
+    wanted, found, seen = set(names), set(), set()
+    stack = [n for n in graph.nodes if n.op == "output"]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and node.target in wanted:
+            found.add(node.target)
+            continue
+        stack += node.all_input_nodes
+    order = [n.target for n in graph.nodes if n.op == "call_module" and n.target in found]
+    return list(dict.fromkeys(order))
 
 
 def kept_layers(model: nn.Module, cfg: dict[str, Any]) -> list[str]:
@@ -120,8 +150,10 @@ def kept_layers(model: nn.Module, cfg: dict[str, Any]) -> list[str]:
                 f"(its layers: {shown})"
             )
     if cfg.get("keep_first_last", True) and names:
-        ordered = execution_order(model, names)
-        keep += [ordered[0], ordered[-1]]
+        graph = _order_graph(model)
+        ordered = execution_order(model, names, graph)
+        last = output_layers(graph, names) if graph is not None else []
+        keep += [ordered[0], *(last or ordered[-1:])]
     return sorted(set(keep), key=names.index)
 
 
@@ -159,6 +191,7 @@ def quantize_(
     validate(cfg)
     wcfg, acfg = dict(cfg.get("weight") or {}), dict(cfg.get("act") or {})
     name = getattr(model, "arch", {}).get("name", type(model).__name__)
+    whole, model = model, core_of(model)  # a detector's core: anchors, decoding, NMS stay float
     at_inputs = acfg.get("kind", "fp32") != "fp32" and acfg.get("sites", "relu") == "inputs"
     # input quantizers live on quantized layers: with float weights those are fp32-weight ones
     if wcfg.get("kind", "fp32") != "fp32" or at_inputs:
@@ -200,14 +233,14 @@ def quantize_(
                     f"quant.act.sites=inputs: torch.fx cannot trace {name} ({e}), so the inputs "
                     "of its layers cannot be found; use quant.act.sites=relu"
                 ) from None
-    model.quant_config = dict(cfg)
-    return model
+    whole.quant_config = dict(cfg)
+    return whole
 
 
 def input_report(model: nn.Module) -> dict[str, Any] | None:
     """How many quantized layers read k-bit inputs and which read float, with why (None: the
     model cannot be traced, or has no quantized layer)."""
-    coverage = input_coverage(model)
+    coverage = input_coverage(core_of(model))
     if not coverage:
         return None
     floats = {name: why for name, why in coverage.items() if why is not None}

@@ -13,7 +13,9 @@ from torch import nn
 
 from compress.checkpoint import load_weights_file
 from compress.data import TensorLoader, load_dataset
-from compress.engine import Callback
+from compress.detection.data import is_detection_dataset, load_detection_data
+from compress.detection.task import DetectionTask
+from compress.engine import Callback, ClassificationTask, Task
 from compress.errors import CheckpointError, ConfigError, check_choice
 from compress.metrics import count_macs, count_params, latency_ms, size_bytes
 from compress.models import create_model
@@ -38,11 +40,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(dataset_cfg: dict[str, Any], seed: int) -> Any:
+    """The `dataset` group's data: a classification DataSet, or a detection one for the
+    detection names (coco, cifar10_det), which train detectors (`task_for`)."""
+    if is_detection_dataset(dataset_cfg.get("name")):
+        return load_detection_data({k: v for k, v in dataset_cfg.items() if k not in META_KEYS})
     kw = {k: v for k, v in dataset_cfg.items() if k not in AUGMENT_KEYS + META_KEYS}
     return load_dataset(seed=seed, **kw)
 
 
 _ENV = re.compile(r"\$\{oc\.env:([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
+
+
+def is_detection(data: Any) -> bool:
+    return is_detection_dataset(getattr(data, "name", None))
+
+
+def task_for(data: Any, loss_fn: Any = None, label_smoothing: float = 0.0) -> Task:
+    """The task the data set trains: detection for detection data, classification otherwise."""
+    if is_detection(data):
+        return DetectionTask()
+    return ClassificationTask(loss_fn, label_smoothing)
 
 
 def resolve_root(template: str) -> str:
@@ -84,6 +101,8 @@ def model_from_cfg(model_cfg: dict[str, Any], data: Any, pretrained: bool = True
         kw["num_classes"] = data.num_classes
     if source == "zoo" or (source == "custom" and accepts(source, name, target, "in_channels")):
         kw["in_channels"] = data.in_channels
+    if source == "torchvision_det" and kw.get("image_size") is None:  # the data set's size
+        kw["image_size"] = data.image_size
     model = create_model(name, source=source, target=target, **kw)
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and first.in_channels != data.in_channels:
@@ -220,10 +239,13 @@ def read_source(cfg: dict[str, Any], script: str, seed: int = 0) -> dict[str, An
 
 
 def model_metrics(model: nn.Module, data: Any) -> dict[str, int]:
+    """Parameters, MACs (of a detector: its core, at the data set's image size; the box
+    decoding and NMS after it are not counted) and the size at the quantized widths."""
     shape = data.image_shape
+    counted = DetectionTask().core(model) if is_detection(data) else model
     return {
         "params": count_params(model),
-        "macs": count_macs(model, shape),
+        "macs": count_macs(counted, shape),
         "size_bytes": size_bytes(model),
     }
 

@@ -25,10 +25,11 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from compress.checkpoint import load_checkpoint
 from compress.cli import write_json
 from compress.config import validate_distill
+from compress.detection.data import check_model_fits_data
 from compress.distill import Distiller, cross_entropy_loss
 from compress.distributed import Dist, check_resume_world, init_from_env
 from compress.engine import Callback, TrainConfig, fit
-from compress.errors import CheckpointError
+from compress.errors import CheckpointError, ConfigError
 from compress.quant import bit_widths, is_quantized, quantize_
 from compress.quant.api import applied_label, input_report
 from compress.quant.api import validate as validate_quant
@@ -39,11 +40,13 @@ from compress.tasks.common import (
     FreezeBN,
     build_model,
     build_teacher,
+    is_detection,
     load_data,
     measure_latency,
     model_metrics,
     model_name,
     resolve_device,
+    task_for,
 )
 
 log = logging.getLogger(__name__)
@@ -107,8 +110,11 @@ def _run(
     validate_quant(quant_cfg)
     distill_cfg = dict(cfg.get("distill") or {})
     distilled = validate_distill(distill_cfg) == "kd"
+    check_model_fits_data(dict(cfg["model"]), cfg["dataset"].get("name"))
     torch.manual_seed(seed)
     data = load_data(dict(cfg["dataset"]), seed)
+    if is_detection(data):
+        _check_detection_run(cfg, sched, distilled)
     if dist.is_main:
         log.info(
             "data %s: %d train / %d test images, %d classes",
@@ -180,6 +186,7 @@ def _run(
         else contextlib.nullcontext(None)
     )
     with tb as writer:  # open until the run's hparams and final metrics are logged too
+        task = task_for(data, loss_fn, sched.label_smoothing)
         summary = fit(
             model,
             data,
@@ -194,7 +201,7 @@ def _run(
             flip=bool(cfg["dataset"].get("flip", True)),
             writer=writer,
             dist=dist,
-            loss_fn=loss_fn,
+            task=task,
         )
         w_bits, a_bits = bit_widths(model)
         metrics = {
@@ -203,9 +210,7 @@ def _run(
             "quant": applied_label(model),
             "w_bits": w_bits,
             "a_bits": a_bits,
-            "test_acc": summary["test_acc"],
-            "best_test_acc": summary["best_test_acc"],
-            **({"test_acc_tta": summary["test_acc_tta"]} if "test_acc_tta" in summary else {}),
+            **_task_metrics(task.name, summary),
             "epochs": summary["epochs"],
         }
         if inputs:
@@ -239,9 +244,8 @@ def _run(
         hparams = run_hparams(cfg, sched, model, metrics, dist.world)
         log_hparams(writer, hparams, hparam_metrics(metrics), metrics["epochs"])
     log.info(
-        "test accuracy %.2f%% (best %.2f%%) after %d epochs; %d params, %.1f MMACs, %.1f KB",
-        metrics["test_acc"],
-        metrics["best_test_acc"],
+        "%s after %d epochs; %d params, %.1f MMACs, %.1f KB",
+        headline(metrics)[0],
         metrics["epochs"],
         metrics["params"],
         metrics["macs"] / 1e6,
@@ -251,11 +255,41 @@ def _run(
     return metrics
 
 
+def headline(metrics: dict[str, Any]) -> tuple[str, float]:
+    """The run's result in words and as the number a sweep optimizes: test accuracy of a
+    classifier, mAP of a detector."""
+    if "map" in metrics:
+        return f"test mAP: {metrics['map']:.2f} (best {metrics['best_map']:.2f})", metrics["map"]
+    text = f"test accuracy: {metrics['test_acc']:.2f}% (best {metrics['best_test_acc']:.2f}%)"
+    return text, metrics["test_acc"]
+
+
+def _task_metrics(task: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """The final metrics of metrics.json: test_acc, best_test_acc (and test_acc_tta) of a
+    classifier; map, map50, map75, map_small / medium / large and best_map of a detector."""
+    if task == "classification":
+        keys = ("test_acc", "best_test_acc", "test_acc_tta")
+        return {k: summary[k] for k in keys if k in summary}
+    out = {k.removeprefix("test_"): v for k, v in summary.items() if k.startswith("test_")}
+    return {**out, "best_map": summary["best_test_map"]}
+
+
+def _check_detection_run(cfg: dict[str, Any], sched: TrainConfig, distilled: bool) -> None:
+    """What a detector does not train with yet, each one line (rather than a wrong run)."""
+    if distilled:
+        raise ConfigError("distill=kd distils classifiers' logits: a detector has none")
+    if (cfg.get("sparsity") or {}).get("enabled"):
+        raise ConfigError("sparsity.enabled=true: sparse training of detectors is not in yet")
+    if sched.tta:
+        raise ConfigError("schedule.tta=true is for classifiers: a detector has no flip TTA")
+
+
 # ---------------------------------------------------------------- TensorBoard's HParams
 HParam = bool | int | float | str
 # metrics.json keys logged as the run's HParams metrics, under hparam/ (scalar tags of their
 # own: fit's are train/..., test/...)
-HPARAM_METRICS = ("test_acc", "best_test_acc", "params", "macs", "size_bytes", "latency_ms")
+HPARAM_METRICS = ("test_acc", "best_test_acc", "map", "map50", "best_map")
+HPARAM_METRICS += ("params", "macs", "size_bytes", "latency_ms")
 # what a pruner recorded in the metrics of the checkpoint a pruned model starts from
 PRUNER_KEYS = {"pruner": "name", "importance": "importance", "percent": "percent"}
 PRUNER_KEYS.update(scope="scope", target="target")
