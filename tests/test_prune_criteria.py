@@ -823,3 +823,34 @@ def test_a_layernorm_over_the_channels_freezes_the_stream_it_normalizes():
     _, _, why = graph.frozen_channels()
     assert why["normalized together (LayerNorm over the channels)"] == 8 * 2  # c1's and fc2's
     assert {layer for g in graph.groups for layer in g.layers} == {"fc1"}
+
+
+class _Tokens(nn.Module):
+    """A ViT-like patch embedding: the conv's channels become the last dim of a token tensor
+    through flatten + transpose, which the graph does not follow; the linears after it never
+    get channels of their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x).flatten(2).transpose(1, 2)
+        return self.fc2(self.fc1(y).relu()).mean(1)
+
+
+def test_layers_the_walk_never_reaches_are_counted_frozen_with_their_cause():
+    """Every conv / linear output channel is in the count, the unreachable ones too (Swin and
+    ViT today: all but their patch embedding and head were missing from the total)."""
+    from compress.prune.graph import ChannelGraph
+    from compress.prune.pruner import example_input
+
+    model = _Tokens()
+    graph = ChannelGraph(model, example_input(model, SHAPE), (), False)
+    frozen, total, why = graph.frozen_channels()
+    assert (frozen, total) == (8 + 16 + 10, 8 + 16 + 10)
+    unreached = "a layer whose input comes through an op the channel graph does not follow"
+    assert why[unreached] == 16 + 10
+    with pytest.raises(PruneError, match=f"all 34 conv / linear output channels.*26 {unreached}"):
+        channel_graph(model, SHAPE, require_bn=False)

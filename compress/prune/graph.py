@@ -680,6 +680,18 @@ class ChannelGraph:
                 r = self.atoms.find(a)
                 if self.atoms.frozen[r]:
                     why[self.atoms.why[r] or "unknown"] += 1
+        # layers the walk never gave channels of their own (their input reached them through
+        # an op the graph does not follow): frozen too, and counted
+        w, mods = self.walker, dict(self.gm.named_modules())
+        called = {str(n.target) for n in self.gm.graph.nodes if n.op == "call_module"}
+        for name in sorted(called - set(w.spaces) - w.depthwise):
+            m = mods[name]
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                n = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+                total += n
+                why[
+                    "a layer whose input comes through an op the channel graph does not follow"
+                ] += n
         return sum(why.values()), total, dict(sorted(why.items(), key=lambda kv: -kv[1]))
 
     def _groups(self) -> list[Group]:
