@@ -30,14 +30,18 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             f"params {m['params_before']} -> {m['params']} ({100 * m['params_ratio']:.1f}%), "
             f"MACs {m['macs_before']} -> {m['macs']} ({100 * m['macs_ratio']:.1f}%)"
         )
-        print(
-            f"test accuracy {m['test_acc_before']:.2f}% -> {m['test_acc']:.2f}% (before finetuning)"
-        )
+        if "map" in m:
+            print(f"test mAP {m['map_before']:.2f} -> {m['map']:.2f} (before finetuning)")
+        else:
+            print(
+                f"test accuracy {m['test_acc_before']:.2f}% -> {m['test_acc']:.2f}% "
+                "(before finetuning)"
+            )
         print(
             f"pruned checkpoint: {run_dir / 'pruned.pt'}  finetune with: "
             f"python train.py {m['model_overrides']} init_from={run_dir / 'pruned.pt'}"
         )
-        return m["test_acc"]
+        return m["map"] if "map" in m else m["test_acc"]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="prune")

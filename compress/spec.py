@@ -62,8 +62,8 @@ def model_overrides(arch: dict[str, Any]) -> str:
     source = arch.get("source", "zoo")
     if source == "zoo":
         return f"model={arch.get('name')}"
-    if source == "torchvision":
-        return f"model=torchvision model.name={arch.get('name')}"
+    if source in ("torchvision", "torchvision_det"):
+        return f"model={source} model.name={arch.get('name')}"
     return f"model=custom model.target={arch.get('target')}"
 
 

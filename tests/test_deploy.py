@@ -94,7 +94,11 @@ def test_pruned_and_fused_checkpoints_export(entry, trained, tmp_path):
     assert m["max_abs_diff"] < 1e-4 and m["top1_agreement"] == 100.0
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+@pytest.mark.parametrize(
+    "method",
+    # entropy: about 10 s of histogram search alone (make test-slow)
+    ["minmax", "percentile", pytest.param("entropy", marks=pytest.mark.slow)],
+)
 def test_ptq_int8_agrees_with_fp32(exported, tmp_path, method):
     _, data, path = exported
     reader = ImageCalibrationReader(calibration_loader(data, 4, 32), "input", 4)

@@ -346,3 +346,40 @@ def test_a_detector_trains_quantized_and_its_checkpoint_rebuilds_it(det_data, tm
         a, b = DetectionTask().core(model)(x), DetectionTask().core(plain)(x)
     assert all(a[k].shape == b[k].shape and not torch.equal(a[k], b[k]) for k in a)
     assert all((a[k] - b[k]).abs().max() < 0.5 * b[k].abs().max() for k in a)  # close, not equal
+
+
+@pytest.fixture(scope="module")
+def trained_det(det_data, tmp_path_factory):
+    """A detector trained for one epoch on det_data: its run folder."""
+    from compress.tasks import train
+
+    run = tmp_path_factory.mktemp("det_run")
+    cfg = _det_run_cfg(det_data)
+    cfg["schedule"]["epochs"] = 1
+    train.run(cfg, run)
+    return run
+
+
+def test_a_detector_checkpoint_prunes_and_its_pruned_file_rebuilds_it(
+    det_data, trained_det, tmp_path
+):
+    """prune.py's task on a detector: the core's channels by L1 (the heads' prediction convs
+    keep their outputs), mAP before and after, and pruned.pt rebuilds the thinned detector
+    (its mAP evaluated again is the one reported)."""
+    from compress.checkpoint import load_checkpoint
+    from compress.spec import model_from_checkpoint
+    from compress.tasks import prune
+
+    cfg = {"ckpt": str(trained_det / "last.pt"), "device": "cpu", "seed": 0}
+    cfg["pruner"] = {"importance": "l1", "percent": 0.3, "scope": "layer"}
+    m = prune.run(cfg, tmp_path)
+    assert {"map_before", "map", "best_map"} <= set(m) and "test_acc" not in m
+    assert m["params"] < 0.8 * m["params_before"] and m["macs"] < m["macs_before"]
+    state = load_checkpoint(tmp_path / "pruned.pt")
+    assert state["widths"] and state["test_map"] == m["map"]
+    small = model_from_checkpoint(state)
+    assert sum(p.numel() for p in small.parameters()) == m["params"]
+    _, test = det_data.loaders(4, 8)
+    assert DetectionTask().evaluate(small, test)["map"] == pytest.approx(m["map"], abs=1e-9)
+    with pytest.raises(ConfigError, match="pruner.importance=taylor scores channels by"):
+        prune.run({**cfg, "pruner": {"importance": "taylor"}}, tmp_path / "t")

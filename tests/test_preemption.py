@@ -351,6 +351,7 @@ def _ddp_worker(rank: int, world: int, port: int, tmp: str) -> None:
         dist.shutdown()
 
 
+@pytest.mark.slow  # two processes, three runs: about 5 s alone (make test-slow)
 def test_two_processes_stop_together_and_resume_to_the_same_run(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -29,6 +29,7 @@ import torchvision.ops
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from compress.detection.models import core_of
 from compress.errors import CompressError
 from compress.models.blocks import Activation, ChannelShuffle
 from compress.prune.group import Group, Importance  # noqa: F401  (Importance re-exported)
@@ -658,6 +659,7 @@ class ChannelGraph:
         leaves: Sequence[type[nn.Module]] = (),
         require_bn: bool = True,
     ) -> None:
+        model = core_of(model)  # a detector's backbone, neck and heads; the names are its
         self.model = model
         self.require_bn = require_bn
         self.gm = trace(model, example, leaves)
@@ -982,7 +984,9 @@ def _set_param(m: nn.Module, attr: str, value: torch.Tensor) -> None:
 @torch.no_grad()
 def apply_widths_(model: nn.Module, widths: dict[str, dict[str, int]]) -> nn.Module:
     """Give a freshly built model the layer widths of a pruned one (weights uninitialized, to be
-    loaded from its state dict): the per-layer spec that rebuilds a pruned model with no code."""
+    loaded from its state dict): the per-layer spec that rebuilds a pruned model with no code.
+    A detector's layer names are its core's (compress.detection.models.core_of)."""
+    whole, model = model, core_of(model)
     for name, w in widths.items():
         try:
             m = model.get_submodule(name)
@@ -1013,4 +1017,4 @@ def apply_widths_(model: nn.Module, widths: dict[str, dict[str, int]]) -> nn.Mod
                 m.bias = nn.Parameter(m.bias.new_empty(m.out_channels))
         else:
             raise PruneError(f"pruned widths for {name}: {type(m).__name__} is not resizable")
-    return model
+    return whole

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from compress.detection.models import core_of
 from compress.errors import CompressError, check_choice
 from compress.prune.group import Group, Importance
 
@@ -218,4 +219,4 @@ def build_importance(
     """The importance `pruner.importance=name` for these groups of `model`; `batches` of
     training data for the criteria that need gradients (taylor)."""
     check_choice("pruner.importance", name, IMPORTANCES)
-    return IMPORTANCES[name](model, groups, batches)
+    return IMPORTANCES[name](core_of(model), groups, batches)  # the names are the core's

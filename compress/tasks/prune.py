@@ -18,18 +18,19 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.cli import write_json
 from compress.config import PrunerConfig, TrainSettings, defaults, validate_pruner
 from compress.data import TensorLoader
-from compress.engine import evaluate
 from compress.errors import ConfigError
 from compress.prune import Reference, build_importance, channel_graph, select_channels, thin
 from compress.prune.pruner import needs_bn
 from compress.spec import arch_name, checkpoint_state, model_from_checkpoint, model_overrides
 from compress.tasks.common import (
     eval_loader,
+    is_detection,
     load_data,
     model_metrics,
     resolve_device,
     source_checkpoint,
     source_dataset_cfg,
+    task_for,
 )
 
 
@@ -102,6 +103,12 @@ def run(
     model = model_from_checkpoint(state)  # as trained: quantized layers and learned clips
     data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
     device = resolve_device(cfg.get("device", "cpu"))
+    task = task_for(data)
+    if is_detection(data) and p["importance"] == "taylor":
+        raise ConfigError(
+            "pruner.importance=taylor scores channels by a classification loss's gradients: "
+            "use l1, l2, fpgm or bn_scale for a detector"
+        )
     bn = needs_bn(p["importance"])
     graph = channel_graph(model, data.image_shape, require_bn=bn)
     frozen, total, why = graph.frozen_channels()
@@ -129,8 +136,12 @@ def run(
     small = thin(model, keep, data.image_shape, require_bn=bn)
     before, after = model_metrics(model, data), model_metrics(small, data)
     accs = {}
+    batch = 8 if is_detection(data) else 500  # detection batches are lists of full images
     for tag, m in (("before", model), ("after", small)):
-        accs[tag] = evaluate(m.to(device), eval_loader(data, device))["acc"]
+        accs[tag] = task.evaluate(m.to(device), eval_loader(data, device, batch))[task.metric]
+    # a classifier's test_acc_before / test_acc / best_test_acc, a detector's map_before / ...
+    key = "test_acc" if task.metric == "acc" else task.metric
+    scores = {f"{key}_before": accs["before"], key: accs["after"], f"best_{key}": accs["after"]}
     metrics = {
         "model": arch_name(model.arch),
         "model_overrides": model_overrides(model.arch),
@@ -145,9 +156,7 @@ def run(
         "channels_before": [g.channels for g in graph.groups],
         "frozen_channels": {"frozen": frozen, "of": total, "why": why},
         "channels": [len(k) for k in keep],
-        "test_acc_before": accs["before"],
-        "test_acc": accs["after"],
-        "best_test_acc": accs["after"],
+        **scores,
         "params_before": before["params"],
         "macs_before": before["macs"],
         "size_bytes_before": before["size_bytes"],
@@ -169,7 +178,7 @@ def run(
             dataset=data.name,
             config=state.get("config"),
             pruned_from=str(cfg["ckpt"]),
-            test_acc=accs["after"],
+            **{f"test_{task.metric}": accs["after"]},
         ),
     )
     write_json(run_dir / metrics_file, metrics)
