@@ -19,7 +19,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         metrics = fuse_task.run(configstore.plain_config(cfg), run_dir)
         print(fuse_task.table(metrics))
         print(f"fused checkpoint: {run_dir / 'fused.pt'}")
-        return metrics["test_acc"]
+        return metrics["map"] if "map" in metrics else metrics["test_acc"]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="fuse")

@@ -39,6 +39,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from compress.detection.models import core_of
 from compress.errors import CheckpointError
 from compress.models.blocks import Activation, ChannelShuffle
 from compress.models.resnet import Shortcut
@@ -311,6 +312,7 @@ def fuse_bn_(model: nn.Module, exact: bool = False) -> Plan:
     if model.training:
         log.warning("fuse: the model was in training mode; switched to eval mode")
     model.eval()
+    whole, model = model, core_of(model)  # a detector's core (the names are the core's)
     done: list[Fold] = []
     while True:  # again after folding: a fold can make the next BN foldable (BN -> BN chains)
         plan = plan_fusion(model, exact)
@@ -322,15 +324,16 @@ def fuse_bn_(model: nn.Module, exact: bool = False) -> Plan:
     for name, why in plan.skipped.items():
         log.warning("fuse: kept %s: %s", name, why)
     # the record of an earlier fusion stays; a fold of one of its OutputScales replaces it
-    record = {bn: [conv, bn, mode] for conv, bn, mode in getattr(model, "fused", None) or []}
+    record = {bn: [conv, bn, mode] for conv, bn, mode in getattr(whole, "fused", None) or []}
     record.update({f.bn: [f.conv, f.bn, f.mode] for f in done})
-    model.fused = list(record.values())
+    whole.fused = list(record.values())
     return Plan(done, plan.skipped)
 
 
 def apply_fused_structure_(model: nn.Module, folds: list[list[str]]) -> nn.Module:
     """Give a freshly built model the layout of a fused one (BNs gone or OutputScales, biases
     added, normally folded quantized layers turned float) so a fused state_dict loads into it."""
+    whole, model = model, core_of(model)
     for conv, bn, mode in folds:
         if mode not in MODES:
             raise CheckpointError(
@@ -348,8 +351,8 @@ def apply_fused_structure_(model: nn.Module, folds: list[list[str]]) -> nn.Modul
         if mode == "bias" and isinstance(getattr(layer, "weight_quant", None), BinaryWeight):
             layer.weight_quant.center = False
         _set(model, bn, nn.Identity())
-    model.fused = [list(f) for f in folds]
-    return model
+    whole.fused = [list(f) for f in folds]
+    return whole
 
 
 def count_bn(model: nn.Module) -> int:

@@ -383,3 +383,27 @@ def test_a_detector_checkpoint_prunes_and_its_pruned_file_rebuilds_it(
     assert DetectionTask().evaluate(small, test)["map"] == pytest.approx(m["map"], abs=1e-9)
     with pytest.raises(ConfigError, match="pruner.importance=taylor scores channels by"):
         prune.run({**cfg, "pruner": {"importance": "taylor"}}, tmp_path / "t")
+
+
+def test_a_detector_checkpoint_fuses_exactly_and_its_fused_file_rebuilds_it(
+    det_data, trained_det, tmp_path
+):
+    """fuse.py's task on a detector: every BN of the core folds, the heads' raw outputs on the
+    val images stay within float rounding, and fused.pt rebuilds the fused detector."""
+    from compress.checkpoint import load_checkpoint
+    from compress.fuse import count_bn
+    from compress.spec import model_from_checkpoint
+    from compress.tasks import fuse
+    from compress.tasks.fuse import core_outputs
+
+    cfg = {"ckpt": str(trained_det / "last.pt"), "device": "cpu", "seed": 0, "latency": False}
+    m = fuse.run(cfg, tmp_path)
+    assert m["bn_before"] == 70 and m["bn_after"] == 0 and m["images"] == 8
+    assert m["max_rel_diff"] < 1e-5 and m["map"] == pytest.approx(m["map_before"], abs=1e-6)
+    assert "top1_agreement" not in m and "max |output diff|" in fuse.table(m)
+    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "fused.pt"))
+    original = model_from_checkpoint(load_checkpoint(trained_det / "last.pt"))
+    assert count_bn(rebuilt) == 0
+    _, test = det_data.loaders(4, 8)
+    got, want = core_outputs(rebuilt, test)[0], core_outputs(original, test)[0]
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
