@@ -19,7 +19,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         metrics = export_task.run(configstore.plain_config(cfg), run_dir)
         print(export_task.table(metrics))
         print(f"exported model: {metrics.get('model_file', run_dir / 'model.onnx')}")
-        return metrics["test_acc"]
+        return metrics["map"] if "map" in metrics else metrics["test_acc"]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")

@@ -407,3 +407,39 @@ def test_a_detector_checkpoint_fuses_exactly_and_its_fused_file_rebuilds_it(
     _, test = det_data.loaders(4, 8)
     got, want = core_outputs(rebuilt, test)[0], core_outputs(original, test)[0]
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_detector_exports_its_core_and_decodes_in_python_to_the_same_boxes(
+    det_data, trained_det, tmp_path
+):
+    """export.py's task on a detector: model.onnx holds the core; ONNX Runtime's raw outputs,
+    decoded and NMS'd by the detector's own code, give PyTorch's detections (the same labels
+    per image, boxes within a thousandth of a pixel) and its mAP."""
+    from compress.tasks import export
+    from compress.tasks.export import table
+
+    cfg = {"ckpt": str(trained_det / "last.pt"), "format": "onnx", "latency": False}
+    m = export.run(cfg, tmp_path)
+    assert (tmp_path / "model.onnx").stat().st_size == m["onnx_bytes"] > 1e6
+    assert m["images"] == 8 and m["images_same_detections"] == 8
+    assert m["max_rel_diff"] < 1e-4 and m["max_box_diff_px"] < 1e-3
+    assert m["map_onnx"] == pytest.approx(m["map_torch"], abs=1e-6) and m["map"] == m["map_onnx"]
+    assert "decoding and NMS in Python" in table(m)
+    with pytest.raises(ConfigError, match="format=openvino: a detector's core exports as"):
+        export.run({**cfg, "format": "openvino"}, tmp_path / "ov")
+
+
+def test_box_agreement_matches_detections_as_sets():
+    from compress.detection.runtime import box_agreement
+
+    a = {"boxes": torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20]]), "labels": torch.tensor([1, 1])}
+    swapped = {"boxes": a["boxes"].flip(0) + 0.25, "labels": a["labels"]}
+    other = {"boxes": a["boxes"], "labels": torch.tensor([1, 2])}
+    assert box_agreement([a, a], [swapped, other]) == (1, 0.25)
+
+
+def test_a_detector_the_runtime_path_cannot_decode_is_one_line():
+    from compress.detection.runtime import check_exportable
+
+    with pytest.raises(ConfigError, match="the runtime path decodes SSD / SSDlite outputs only"):
+        check_exportable(torch.nn.Identity(), "retinanet")

@@ -63,6 +63,13 @@ from compress.deploy.openvino_export import (
 )
 from compress.deploy.ptq import calibration_loader
 from compress.deploy.qdq import QDQError, to_qdq
+from compress.detection.runtime import (
+    CoreOutputs,
+    RuntimeDetector,
+    box_agreement,
+    check_exportable,
+    output_keys,
+)
 from compress.errors import ConfigError, check, check_choice
 from compress.fuse import fuse_bn_
 from compress.metrics import latency_ms
@@ -70,10 +77,12 @@ from compress.quant.api import applied_label, is_quantized, to_float
 from compress.spec import arch_name, model_from_checkpoint
 from compress.tasks.common import (
     eval_loader,
+    is_detection,
     load_data,
     logits_on,
     read_source,
     source_dataset_cfg,
+    task_for,
 )
 
 BATCHES = (1, 64)
@@ -290,6 +299,8 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     run_dir, state = load_source(cfg, run_dir, "export.py")
     model = model_from_checkpoint(state)
     data = load_data(source_dataset_cfg(cfg, state), int(cfg.get("seed", 0)))
+    if is_detection(data):
+        return run_detection(cfg, run_dir, state, model, data)
     loader = eval_loader(data, torch.device("cpu"))
     qdq, int8 = integer_model(model, state, cfg, data)
     deployed = model if qdq is None else qdq
@@ -336,6 +347,74 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     return metrics
 
 
+def run_detection(
+    cfg: dict[str, Any], run_dir: Path, state: dict[str, Any], model: torch.nn.Module, data: Any
+) -> dict[str, Any]:
+    """A detector: its core as `model.onnx` (raw head outputs), run in ONNX Runtime with the
+    detector's own decoding and NMS in Python (compress.detection.runtime), checked against
+    PyTorch on the val set: raw outputs, boxes (pixels), mAP in each."""
+    name = f"{arch_name(model.arch)} ({cfg.get('ckpt')})"
+    fmt = cfg.get("format", "onnx")
+    if fmt != "onnx":
+        raise ConfigError(f"format={fmt}: a detector's core exports as format=onnx so far")
+    if is_quantized(state.get("quant")) and int8_choice(cfg) is not False:
+        raise ConfigError(
+            "a quantized detector's integer export is not in yet: int8=false writes its "
+            "fake-quant float graph"
+        )
+    check_exportable(model, name)
+    model.cpu().eval()
+    keys = output_keys(model, data.image_size)
+    path = run_dir / "model.onnx"
+    opset, dynamo = int(cfg.get("opset", DEFAULT_OPSET)), bool(cfg.get("dynamo", True))
+    core = CoreOutputs(model, keys).eval()
+    export_onnx(core, path, data.image_shape, opset, dynamo, name)
+    sess = session(path)
+    feed = sess.get_inputs()[0].name
+
+    def run_core(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = sess.run(None, {feed: x.detach().cpu().numpy()})
+        return tuple(torch.from_numpy(o) for o in outs)
+
+    runtime = RuntimeDetector(model, run_core, keys)
+    loader = eval_loader(data, torch.device("cpu"), 8)
+    task = task_for(data)
+    raw, same, worst, images = 0.0, 0, 0.0, 0
+    with torch.no_grad():
+        for batch, _ in loader:
+            x = model.transform(batch)[0].tensors
+            for a, b in zip(core(x), run_core(x), strict=True):
+                raw = max(raw, float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)))
+            n, w = box_agreement(model(batch), runtime(batch))
+            same, worst, images = same + n, max(worst, w), images + len(batch)
+    maps = {"map_torch": task.evaluate(model, loader)["map"]}
+    maps["map_onnx"] = task.evaluate(runtime, loader)["map"]
+    metrics = {
+        "model": arch_name(model.arch),
+        "dataset": data.name,
+        "quant": applied_label(model),
+        "fused": bool(state.get("fused")),
+        "pruned": bool(state.get("widths")),
+        "format": fmt,
+        **onnx_exporter(cfg),
+        "images": images,
+        "exported": "core (raw head outputs); decoding and NMS in Python",
+        "max_rel_diff": raw,
+        "images_same_detections": same,
+        "max_box_diff_px": worst,
+        **maps,
+        "map": maps["map_onnx"],
+        "best_map": maps["map_onnx"],
+        "onnx_bytes": file_size(path),
+        "model_file": str(path),
+        **cpu_isa(),
+    }
+    if cfg.get("latency", True):  # the core, batch 1 and 64, against PyTorch eager's core
+        metrics.update(latencies({"fp32": sess}, data.image_shape, core))
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
 def fp32_session(model: torch.nn.Module, data: Any, run_dir: Path, cfg: dict[str, Any]) -> Any:
     """`model` exported to `model_fp32.onnx` and loaded in the runtime of `cfg["format"]`."""
     opset, dynamo = int(cfg.get("opset", DEFAULT_OPSET)), bool(cfg.get("dynamo", True))
@@ -351,6 +430,8 @@ RUNTIME_NAMES = {"onnx": "ORT", "openvino": "OpenVINO", "ncnn": "ncnn"}
 
 
 def table(m: dict[str, Any]) -> str:
+    if "map_onnx" in m:
+        return detection_table(m)
     fmt = m.get("format", "onnx")
     rt = RUNTIME_NAMES[fmt]
     int8 = bool(m.get("int8"))
@@ -422,4 +503,22 @@ def table(m: dict[str, Any]) -> str:
                 f"{f'latency bs={b}':22s}{t:>14.2f}" + "".join(f"{c:>{w}s}" for c in cells)
             )
     lines.append(f"CPU: {m['cpu']} (int8 ISA: {m['isa']})")
+    return "\n".join(lines)
+
+
+def detection_table(m: dict[str, Any]) -> str:
+    lines = [
+        f"{m['model']} ({m['quant']}) -> ONNX opset {m['opset']} ({m['exporter']} exporter), "
+        f"{m['onnx_bytes']} bytes: the core; decoding and NMS in Python",
+        f"raw head outputs: max |diff| {m['max_rel_diff']:.2e} of the largest; "
+        f"{m['images_same_detections']} of {m['images']} images with the same detections, "
+        f"boxes within {m['max_box_diff_px']:.2e} px",
+        f"test mAP: PyTorch {m['map_torch']:.2f}, ONNX Runtime {m['map_onnx']:.2f}",
+    ]
+    if "latency_ms_bs1_fp32" in m:
+        lines.append(
+            f"core latency bs=1: ORT {m['latency_ms_bs1_fp32']:.2f} ms, PyTorch "
+            f"{m['latency_ms_bs1_torch']:.2f} ms; bs=64: ORT {m['latency_ms_bs64_fp32']:.1f} ms, "
+            f"PyTorch {m['latency_ms_bs64_torch']:.1f} ms"
+        )
     return "\n".join(lines)
