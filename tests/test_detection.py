@@ -310,7 +310,14 @@ def test_what_a_detector_does_not_train_with_yet_is_one_line(
             "weight": {"kind": "int8"},
             "act": {"kind": "int8", "sites": "inputs"},
         },
-        {"name": "w4a4l", "weight": {"kind": "lsq", "bits": 4}, "act": {"kind": "lsq", "bits": 4}},
+        pytest.param(
+            {
+                "name": "w4a4l",
+                "weight": {"kind": "lsq", "bits": 4},
+                "act": {"kind": "lsq", "bits": 4},
+            },
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["int8_qat", "w4a4l"],
 )
@@ -409,6 +416,7 @@ def test_a_detector_checkpoint_fuses_exactly_and_its_fused_file_rebuilds_it(
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.slow  # about 12 s on 2 cores: the dynamo export of the core (make test-slow)
 def test_a_detector_exports_its_core_and_decodes_in_python_to_the_same_boxes(
     det_data, trained_det, tmp_path
 ):
@@ -443,3 +451,25 @@ def test_a_detector_the_runtime_path_cannot_decode_is_one_line():
 
     with pytest.raises(ConfigError, match="the runtime path decodes SSD / SSDlite outputs only"):
         check_exportable(torch.nn.Identity(), "retinanet")
+
+
+@pytest.mark.slow  # about 14 s on 2 cores: QAT, the QDQ conversion, two exports (make test-slow)
+def test_a_quantized_detector_exports_an_integer_core_that_runs_in_onnx_runtime(
+    det_data, trained_det, tmp_path
+):
+    """int8 QAT with inputs quantized at every layer: every quantized conv of the core runs as
+    QLinearConv in ORT, the first conv and the 12 prediction convs stay float, and the decoded
+    detections are the fake-quant detector's."""
+    from compress.tasks import export, train
+
+    cfg = _det_run_cfg(det_data, init_from=str(trained_det / "last.pt"))
+    cfg["quant"] = {"name": "int8_qat", "weight": {"kind": "int8"}}
+    cfg["quant"]["act"] = {"kind": "int8", "sites": "inputs"}
+    cfg["schedule"]["epochs"] = 1
+    train.run(cfg, tmp_path / "qat")
+    ckpt = str(tmp_path / "qat" / "last.pt")
+    m = export.run({"ckpt": ckpt, "format": "onnx", "latency": False}, tmp_path / "x")
+    assert m["int8"] and (tmp_path / "x" / "model_int8.onnx").exists()
+    assert m["kernels"]["QLinearConv"] == 85 and m["kernels"]["Conv"] == 13
+    assert m["images_same_detections"] == 8 and m["max_rel_diff"] < 1e-3
+    assert m["map_onnx"] == pytest.approx(m["map_torch"], abs=0.5)

@@ -19,6 +19,7 @@ int8 layers (compress.deploy.ncnn_export.export_ncnn_int8)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -357,18 +358,14 @@ def run_detection(
     fmt = cfg.get("format", "onnx")
     if fmt != "onnx":
         raise ConfigError(f"format={fmt}: a detector's core exports as format=onnx so far")
-    if is_quantized(state.get("quant")) and int8_choice(cfg) is not False:
-        raise ConfigError(
-            "a quantized detector's integer export is not in yet: int8=false writes its "
-            "fake-quant float graph"
-        )
     check_exportable(model, name)
     model.cpu().eval()
     keys = output_keys(model, data.image_size)
-    path = run_dir / "model.onnx"
     opset, dynamo = int(cfg.get("opset", DEFAULT_OPSET)), bool(cfg.get("dynamo", True))
-    core = CoreOutputs(model, keys).eval()
-    export_onnx(core, path, data.image_shape, opset, dynamo, name)
+    core = CoreOutputs(model, keys).eval()  # the reference: fake-quant where quantized
+    qdq, int8 = integer_core(model, core, state, cfg, data)
+    path = run_dir / ("model.onnx" if qdq is None else "model_int8.onnx")
+    export_onnx(core if qdq is None else qdq, path, data.image_shape, opset, dynamo, name)
     sess = session(path)
     feed = sess.get_inputs()[0].name
 
@@ -399,6 +396,8 @@ def run_detection(
         **onnx_exporter(cfg),
         "images": images,
         "exported": "core (raw head outputs); decoding and NMS in Python",
+        **int8,
+        **({"kernels": ort_kernels(path)} if qdq is not None else {}),
         "max_rel_diff": raw,
         "images_same_detections": same,
         "max_box_diff_px": worst,
@@ -410,9 +409,46 @@ def run_detection(
         **cpu_isa(),
     }
     if cfg.get("latency", True):  # the core, batch 1 and 64, against PyTorch eager's core
-        metrics.update(latencies({"fp32": sess}, data.image_shape, core))
+        tag = "fp32" if qdq is None else "int8"
+        sessions = {tag: sess}
+        if qdq is not None:  # the same core in fp32, same runtime: the speed-up's base
+            twin = CoreOutputs(fp32_twin(model), keys).eval()
+            export_onnx(twin, run_dir / "model_fp32.onnx", data.image_shape, opset, dynamo, name)
+            sessions["fp32"] = session(run_dir / "model_fp32.onnx")
+        metrics.update(latencies(sessions, data.image_shape, core))
+        if qdq is not None:
+            for b in BATCHES:
+                ratio = metrics[f"latency_ms_bs{b}_fp32"] / metrics[f"latency_ms_bs{b}_int8"]
+                metrics[f"speedup_bs{b}_int8_vs_fp32"] = ratio
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def integer_core(
+    model: torch.nn.Module,
+    core: torch.nn.Module,
+    state: dict[str, Any],
+    cfg: dict[str, Any],
+    data: Any,
+) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+    """The QDQ form of a quantized detector's `core` (None for a float one, or int8=false),
+    with 8-bit ranges for what QAT left float from `requant_batches` training batches (as the
+    detector's transform makes them)."""
+    choice = int8_choice(cfg)
+    if not is_quantized(state.get("quant")) or choice is False:
+        return None, {"int8": False}
+    train, _ = data.loaders(8, 8)
+    with torch.no_grad():
+        batches = itertools.islice(iter(train), requant_batches(cfg))
+        calib = [model.transform(images)[0].tensors for images, _ in batches]
+    try:
+        qdq, report = to_qdq(core, calib)
+    except QDQError as e:
+        if choice is True:
+            raise ConfigError(f"int8=true: {e}") from None
+        log.warning("export: writing the fake-quant float graph: %s", e)
+        return None, {"int8": False, "int8_skipped": str(e)}
+    return qdq, {"int8": True, **report.as_metrics()}
 
 
 def fp32_session(model: torch.nn.Module, data: Any, run_dir: Path, cfg: dict[str, Any]) -> Any:
@@ -515,10 +551,18 @@ def detection_table(m: dict[str, Any]) -> str:
         f"boxes within {m['max_box_diff_px']:.2e} px",
         f"test mAP: PyTorch {m['map_torch']:.2f}, ONNX Runtime {m['map_onnx']:.2f}",
     ]
-    if "latency_ms_bs1_fp32" in m:
-        lines.append(
-            f"core latency bs=1: ORT {m['latency_ms_bs1_fp32']:.2f} ms, PyTorch "
-            f"{m['latency_ms_bs1_torch']:.2f} ms; bs=64: ORT {m['latency_ms_bs64_fp32']:.1f} ms, "
-            f"PyTorch {m['latency_ms_bs64_torch']:.1f} ms"
+    if m.get("int8"):
+        kernels = m.get("kernels") or {}
+        lines.insert(
+            1,
+            f"integer core: {kernels.get('QLinearConv', 0)} QLinearConv, "
+            f"{kernels.get('Conv', 0)} float Conv in ORT (the first conv, the heads' outputs)",
         )
+    for b in BATCHES if "latency_ms_bs1_torch" in m else ():
+        ort = ", ".join(
+            f"ORT {tag} {m[f'latency_ms_bs{b}_{tag}']:.2f} ms"
+            for tag in ("int8", "fp32")
+            if f"latency_ms_bs{b}_{tag}" in m
+        )
+        lines.append(f"core latency bs={b}: {ort}, PyTorch {m[f'latency_ms_bs{b}_torch']:.2f} ms")
     return "\n".join(lines)
