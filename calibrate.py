@@ -20,7 +20,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         metrics = calibrate_task.run(configstore.plain_config(cfg), run_dir)
         print(calibrate_task.table(metrics))
         print(f"INT8 model: {run_dir / 'model_int8.onnx'} (fp32: {run_dir / 'model.onnx'})")
-        return metrics["test_acc"]
+        return metrics["map"] if "map" in metrics else metrics["test_acc"]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="calibrate")

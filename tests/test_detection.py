@@ -471,5 +471,24 @@ def test_a_quantized_detector_exports_an_integer_core_that_runs_in_onnx_runtime(
     m = export.run({"ckpt": ckpt, "format": "onnx", "latency": False}, tmp_path / "x")
     assert m["int8"] and (tmp_path / "x" / "model_int8.onnx").exists()
     assert m["kernels"]["QLinearConv"] == 85 and m["kernels"]["Conv"] == 13
-    assert m["images_same_detections"] == 8 and m["max_rel_diff"] < 1e-3
+    # a float sum's order moves an int8 code now and then (1.3e-7 of the largest output on 1
+    # thread, 0.026 on 2: one requantization step); the detections stay the same
+    assert m["images_same_detections"] == 8 and m["max_rel_diff"] < 0.05
     assert m["map_onnx"] == pytest.approx(m["map_torch"], abs=0.5)
+
+
+@pytest.mark.slow  # about 20 s on 2 cores: an export, ORT's calibration, two sessions checked
+def test_a_detector_checkpoint_calibrates_to_a_static_int8_core(det_data, trained_det, tmp_path):
+    """calibrate.py's task on a detector: the core calibrated by ORT on untransformed training
+    images, the int8 file a third of the fp32 one, both run with the detector's decoding; the
+    fp32 file gives PyTorch's mAP exactly, the int8 one its own, reported."""
+    from compress.tasks import calibrate
+
+    cfg = {"ckpt": str(trained_det / "last.pt"), "latency": False}
+    cfg["calib"] = {"method": "minmax", "batches": 2, "batch_size": 8}
+    m = calibrate.run(cfg, tmp_path)
+    assert m["calib_images"] == 16 and m["bn_folded"] == 70
+    assert m["int8_bytes"] < m["onnx_bytes"] / 2.5 and m["quantize_linear"] > 50
+    assert m["max_rel_diff"] < 1e-4 and m["map_fp32"] == pytest.approx(m["map_torch"], abs=1e-6)
+    assert m["map"] == m["map_int8"] and 0 <= m["map_int8"] <= 100
+    assert "ORT int8" in calibrate.table(m)

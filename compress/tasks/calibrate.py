@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from compress.cli import write_json
+from compress.data.coco import CocoDetection, eval_transforms
 from compress.deploy.onnx_export import (
     INPUT,
     ExportError,
@@ -30,16 +31,20 @@ from compress.deploy.ptq import (
     quantize_int8,
     validate_calib,
 )
+from compress.detection.runtime import CoreOutputs, check_exportable, output_keys
 from compress.errors import CheckpointError, CompressError
 from compress.fuse import count_bn, fuse_bn_
 from compress.quant import is_quantized
 from compress.quant.api import quant_label
 from compress.spec import arch_name, model_from_checkpoint
-from compress.tasks.common import eval_loader, load_data, source_dataset_cfg
+from compress.tasks.common import eval_loader, is_detection, load_data, source_dataset_cfg
 from compress.tasks.export import (
     BATCHES,
+    DEFAULT_OPSET,
     check_common,
+    detection_checked,
     export_checked,
+    export_onnx,
     latencies,
     load_source,
     onnx_exporter,
@@ -65,6 +70,8 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     if count_bn(model):
         bn_folded = len(fuse_bn_(model).folds)
     data = load_data(source_dataset_cfg(cfg, state), seed)
+    if is_detection(data):
+        return run_detection(cfg, run_dir, calib, model, data, bn_folded, state)
     loader = eval_loader(data, torch.device("cpu"))
     fp32_path, int8_path = run_dir / "model.onnx", run_dir / "model_int8.onnx"
     sess32, checked, logits32, labels = export_checked(model, data, loader, fp32_path, cfg)
@@ -125,6 +132,8 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
 
 
 def table(m: dict[str, Any]) -> str:
+    if "map_int8" in m:
+        return detection_table(m)
     rows = [
         ("test accuracy (%)", f"{m['test_acc_fp32']:.2f}", f"{m['test_acc_int8']:.2f}", ""),
         ("file size (bytes)", m["onnx_bytes"], m["int8_bytes"], f"{m['size_ratio']:.2f}x"),
@@ -143,5 +152,93 @@ def table(m: dict[str, Any]) -> str:
         f"{m['int8_max_abs_diff']:.3f}; ORT fp32 vs PyTorch: {m['max_abs_diff']:.2e}, "
         f"{m['top1_agreement']:.2f}%"
     )
+    lines.append(f"CPU: {m['cpu']} (int8 ISA: {m['isa']})")
+    return "\n".join(lines)
+
+
+def run_detection(
+    cfg: dict[str, Any],
+    run_dir: Path,
+    calib: dict[str, Any],
+    model: torch.nn.Module,
+    data: Any,
+    bn_folded: int,
+    state: dict[str, Any],
+) -> dict[str, Any]:
+    """A detector: its core (BNs folded) as model.onnx, calibrated by ORT on training images
+    as the detector's transform makes them (no augmentation), model_int8.onnx run with the
+    detector's decoding and NMS in Python; both files checked on the val set."""
+    name = f"{arch_name(model.arch)} ({cfg.get('ckpt')})"
+    check_exportable(model, name)
+    keys = output_keys(model, data.image_size)
+    core = CoreOutputs(model, keys).eval()
+    opset, dynamo = int(cfg.get("opset", DEFAULT_OPSET)), bool(cfg.get("dynamo", True))
+    fp32_path, int8_path = run_dir / "model.onnx", run_dir / "model_int8.onnx"
+    export_onnx(core, fp32_path, data.image_shape, opset, dynamo, name)
+    sess32 = session(fp32_path)
+    plain = CocoDetection(data.train.root, "train", eval_transforms(data.image_size))
+    n = min(calib["batches"] * calib["batch_size"], len(plain))
+    with torch.no_grad():
+        images = [plain[i][0] for i in range(n)]
+        x = model.transform(images)[0].tensors
+    batches = [(b, None) for b in x.split(calib["batch_size"])]
+    reader = ImageCalibrationReader(batches, sess32.get_inputs()[0].name or INPUT)
+    quantize_int8(fp32_path, int8_path, reader, calib["method"])
+    sess8 = session(int8_path)
+    fp32, int8 = (
+        detection_checked(model, core, sess32, data),
+        detection_checked(model, core, sess8, data),
+    )
+    qdq = qdq_summary(int8_path)
+    metrics = {
+        "model": arch_name(model.arch),
+        "dataset": data.name,
+        "fused": bool(state.get("fused")) or bn_folded > 0,
+        "bn_folded": bn_folded,
+        "pruned": bool(state.get("widths")),
+        "format": "onnx",
+        **onnx_exporter(cfg),
+        "exported": "core (raw head outputs); decoding and NMS in Python",
+        "calib_method": calib["method"],
+        "calib_images": reader.images,
+        "images": fp32["images"],
+        "map_torch": fp32["map_torch"],
+        "map_fp32": fp32["map_onnx"],
+        "map_int8": int8["map_onnx"],
+        "max_rel_diff": fp32["max_rel_diff"],  # ORT fp32 against PyTorch
+        "int8_max_rel_diff": int8["max_rel_diff"],
+        "int8_images_same_detections": int8["images_same_detections"],
+        "onnx_bytes": file_size(fp32_path),
+        "int8_bytes": file_size(int8_path),
+        "quantize_linear": qdq["quantize_linear"],
+        "int8_weights": qdq["int8_weights"],
+        **cpu_isa(),
+    }
+    metrics["size_ratio"] = metrics["onnx_bytes"] / metrics["int8_bytes"]
+    if cfg.get("latency", True):
+        metrics.update(latencies({"fp32": sess32, "int8": sess8}, data.image_shape, core))
+        for b in BATCHES:
+            metrics[f"speedup_bs{b}"] = (
+                metrics[f"latency_ms_bs{b}_fp32"] / metrics[f"latency_ms_bs{b}_int8"]
+            )
+    metrics["map"] = metrics["best_map"] = metrics["map_int8"]
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def detection_table(m: dict[str, Any]) -> str:
+    lines = [
+        f"{m['model']}: the core as static INT8 (QDQ), {m['calib_method']} calibration on "
+        f"{m['calib_images']} training images; decoding and NMS in Python",
+        f"test mAP: PyTorch {m['map_torch']:.2f}, ORT fp32 {m['map_fp32']:.2f}, "
+        f"ORT int8 {m['map_int8']:.2f}",
+        f"file size: fp32 {m['onnx_bytes']} bytes, int8 {m['int8_bytes']} bytes "
+        f"({m['size_ratio']:.2f}x)",
+        f"int8 raw outputs: max |diff| {m['int8_max_rel_diff']:.3f} of the largest; "
+        f"{m['int8_images_same_detections']} of {m['images']} images with fp32's detections",
+    ]
+    for b in BATCHES if "latency_ms_bs1_int8" in m else ():
+        f, i = m[f"latency_ms_bs{b}_fp32"], m[f"latency_ms_bs{b}_int8"]
+        lines.append(f"ORT core latency bs={b}: fp32 {f:.2f} ms, int8 {i:.2f} ms ({f / i:.2f}x)")
     lines.append(f"CPU: {m['cpu']} (int8 ISA: {m['isa']})")
     return "\n".join(lines)

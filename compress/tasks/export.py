@@ -367,25 +367,7 @@ def run_detection(
     path = run_dir / ("model.onnx" if qdq is None else "model_int8.onnx")
     export_onnx(core if qdq is None else qdq, path, data.image_shape, opset, dynamo, name)
     sess = session(path)
-    feed = sess.get_inputs()[0].name
-
-    def run_core(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outs = sess.run(None, {feed: x.detach().cpu().numpy()})
-        return tuple(torch.from_numpy(o) for o in outs)
-
-    runtime = RuntimeDetector(model, run_core, keys)
-    loader = eval_loader(data, torch.device("cpu"), 8)
-    task = task_for(data)
-    raw, same, worst, images = 0.0, 0, 0.0, 0
-    with torch.no_grad():
-        for batch, _ in loader:
-            x = model.transform(batch)[0].tensors
-            for a, b in zip(core(x), run_core(x), strict=True):
-                raw = max(raw, float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)))
-            n, w = box_agreement(model(batch), runtime(batch))
-            same, worst, images = same + n, max(worst, w), images + len(batch)
-    maps = {"map_torch": task.evaluate(model, loader)["map"]}
-    maps["map_onnx"] = task.evaluate(runtime, loader)["map"]
+    checked = detection_checked(model, core, sess, data)
     metrics = {
         "model": arch_name(model.arch),
         "dataset": data.name,
@@ -394,16 +376,12 @@ def run_detection(
         "pruned": bool(state.get("widths")),
         "format": fmt,
         **onnx_exporter(cfg),
-        "images": images,
         "exported": "core (raw head outputs); decoding and NMS in Python",
         **int8,
         **({"kernels": ort_kernels(path)} if qdq is not None else {}),
-        "max_rel_diff": raw,
-        "images_same_detections": same,
-        "max_box_diff_px": worst,
-        **maps,
-        "map": maps["map_onnx"],
-        "best_map": maps["map_onnx"],
+        **checked,
+        "map": checked["map_onnx"],
+        "best_map": checked["map_onnx"],
         "onnx_bytes": file_size(path),
         "model_file": str(path),
         **cpu_isa(),
@@ -422,6 +400,45 @@ def run_detection(
                 metrics[f"speedup_bs{b}_int8_vs_fp32"] = ratio
     write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def ort_core(sess: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """An ORT session of a detector core as RuntimeDetector's `run_core`."""
+    feed = sess.get_inputs()[0].name
+
+    def run_core(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = sess.run(None, {feed: x.detach().cpu().numpy().astype("float32")})
+        return tuple(torch.from_numpy(o) for o in outs)
+
+    return run_core
+
+
+def detection_checked(
+    model: torch.nn.Module, core: torch.nn.Module, sess: Any, data: Any
+) -> dict[str, Any]:
+    """A detector core's ORT session against `core` (PyTorch) over the val set: the largest raw
+    output difference (relative to the largest output), the images whose decoded detections
+    match and their largest box distance in pixels, and mAP in PyTorch and in ORT."""
+    run_core = ort_core(sess)
+    runtime = RuntimeDetector(model, run_core, core.keys)
+    loader = eval_loader(data, torch.device("cpu"), 8)
+    raw, same, worst, images = 0.0, 0, 0.0, 0
+    with torch.no_grad():
+        for batch, _ in loader:
+            x = model.transform(batch)[0].tensors
+            for a, b in zip(core(x), run_core(x), strict=True):
+                raw = max(raw, float((a - b).abs().max() / a.abs().max().clamp_min(1e-12)))
+            n, w = box_agreement(model(batch), runtime(batch))
+            same, worst, images = same + n, max(worst, w), images + len(batch)
+    task = task_for(data)
+    return {
+        "images": images,
+        "max_rel_diff": raw,
+        "images_same_detections": same,
+        "max_box_diff_px": worst,
+        "map_torch": task.evaluate(model, loader)["map"],
+        "map_onnx": task.evaluate(runtime, loader)["map"],
+    }
 
 
 def integer_core(
