@@ -226,8 +226,8 @@ def check(name: str) -> dict[str, Any]:
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str = "{:.1e}") -> str:
-    if f"{key}_error" in row:
-        return "error: " + row[f"{key}_error"].replace("|", "/")[:80]
+    if f"{key}_error" in row:  # the whole line: it says what was frozen and why
+        return "error: " + row[f"{key}_error"].replace("|", "/")[:300]
     v = row.get(f"{key}_rel_diff")
     return "" if v is None else fmt.format(v)
 
