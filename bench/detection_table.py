@@ -84,7 +84,7 @@ def table_row(key: str, name: str, goal: float | None, out: Path, failed: str) -
     row = {"key": key, "mode": name, "status": "failed: " + failed if failed else "ok"}
     if not m:
         return row
-    runtime_map = x.get("map_int8", x.get("map_onnx"))
+    runtime_map = x.get("map_int8", x.get("map_runtime"))
     row |= {
         "mAP": m.get("map", m.get("map_int8")),
         "mAP@.5": m.get("map50"),

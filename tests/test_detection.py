@@ -431,10 +431,18 @@ def test_a_detector_exports_its_core_and_decodes_in_python_to_the_same_boxes(
     assert (tmp_path / "model.onnx").stat().st_size == m["onnx_bytes"] > 1e6
     assert m["images"] == 8 and m["images_same_detections"] == 8
     assert m["max_rel_diff"] < 1e-4 and m["max_box_diff_px"] < 1e-3
-    assert m["map_onnx"] == pytest.approx(m["map_torch"], abs=1e-6) and m["map"] == m["map_onnx"]
+    assert (
+        m["map_runtime"] == pytest.approx(m["map_torch"], abs=1e-6) and m["map"] == m["map_runtime"]
+    )
     assert "decoding and NMS in Python" in table(m)
-    with pytest.raises(ConfigError, match="format=openvino: a detector's core exports as"):
-        export.run({**cfg, "format": "openvino"}, tmp_path / "ov")
+    ov = export.run({**cfg, "format": "openvino"}, tmp_path / "ov")  # the IR of the same graph
+    assert ov["runtime"] == "openvino" and ov["images_same_detections"] == 8
+    assert ov["max_box_diff_px"] < 1e-2 and ov["map_runtime"] == pytest.approx(
+        m["map_torch"], abs=1e-6
+    )
+    assert "OpenVINO" in table(ov)
+    with pytest.raises(ConfigError, match="format=ncnn: a detector's core exports as onnx or"):
+        export.run({**cfg, "format": "ncnn"}, tmp_path / "ncnn")
 
 
 def test_box_agreement_matches_detections_as_sets():
@@ -474,7 +482,7 @@ def test_a_quantized_detector_exports_an_integer_core_that_runs_in_onnx_runtime(
     # a float sum's order moves an int8 code now and then (1.3e-7 of the largest output on 1
     # thread, 0.026 on 2: one requantization step); the detections stay the same
     assert m["images_same_detections"] == 8 and m["max_rel_diff"] < 0.05
-    assert m["map_onnx"] == pytest.approx(m["map_torch"], abs=0.5)
+    assert m["map_runtime"] == pytest.approx(m["map_torch"], abs=0.5)
 
 
 @pytest.mark.slow  # about 20 s on 2 cores: an export, ORT's calibration, two sessions checked

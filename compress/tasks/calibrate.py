@@ -48,6 +48,7 @@ from compress.tasks.export import (
     latencies,
     load_source,
     onnx_exporter,
+    ort_core,
 )
 
 CALIB_DEFAULTS = {"method": "minmax", "batches": 8, "batch_size": 32}
@@ -186,8 +187,8 @@ def run_detection(
     quantize_int8(fp32_path, int8_path, reader, calib["method"])
     sess8 = session(int8_path)
     fp32, int8 = (
-        detection_checked(model, core, sess32, data),
-        detection_checked(model, core, sess8, data),
+        detection_checked(model, core, ort_core(sess32), data),
+        detection_checked(model, core, ort_core(sess8), data),
     )
     qdq = qdq_summary(int8_path)
     metrics = {
@@ -203,8 +204,8 @@ def run_detection(
         "calib_images": reader.images,
         "images": fp32["images"],
         "map_torch": fp32["map_torch"],
-        "map_fp32": fp32["map_onnx"],
-        "map_int8": int8["map_onnx"],
+        "map_fp32": fp32["map_runtime"],
+        "map_int8": int8["map_runtime"],
         "max_rel_diff": fp32["max_rel_diff"],  # ORT fp32 against PyTorch
         "int8_max_rel_diff": int8["max_rel_diff"],
         "int8_images_same_detections": int8["images_same_detections"],

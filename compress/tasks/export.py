@@ -356,8 +356,8 @@ def run_detection(
     PyTorch on the val set: raw outputs, boxes (pixels), mAP in each."""
     name = f"{arch_name(model.arch)} ({cfg.get('ckpt')})"
     fmt = cfg.get("format", "onnx")
-    if fmt != "onnx":
-        raise ConfigError(f"format={fmt}: a detector's core exports as format=onnx so far")
+    if fmt not in ("onnx", "openvino"):
+        raise ConfigError(f"format={fmt}: a detector's core exports as onnx or openvino so far")
     check_exportable(model, name)
     model.cpu().eval()
     keys = output_keys(model, data.image_size)
@@ -366,8 +366,15 @@ def run_detection(
     qdq, int8 = integer_core(model, core, state, cfg, data)
     path = run_dir / ("model.onnx" if qdq is None else "model_int8.onnx")
     export_onnx(core if qdq is None else qdq, path, data.image_shape, opset, dynamo, name)
-    sess = session(path)
-    checked = detection_checked(model, core, sess, data)
+    if fmt == "onnx":
+        sess, timer, size = session(path), ort_latency_ms, file_size(path)
+        run_core = ort_core(sess)
+    else:  # the IR converted from the same ONNX graph, run by OpenVINO's CPU plugin
+        xml = export_openvino(path, run_dir / XML, name)
+        sess, timer, size = compile_cpu(xml), ov_latency_ms, ir_bytes(xml)
+        run_core = ov_core(sess)
+        path = xml
+    checked = detection_checked(model, core, run_core, data)
     metrics = {
         "model": arch_name(model.arch),
         "dataset": data.name,
@@ -378,11 +385,13 @@ def run_detection(
         **onnx_exporter(cfg),
         "exported": "core (raw head outputs); decoding and NMS in Python",
         **int8,
-        **({"kernels": ort_kernels(path)} if qdq is not None else {}),
+        **({"kernels": ort_kernels(path)} if qdq is not None and fmt == "onnx" else {}),
+        "runtime": fmt,
+        "runtime_version": runtime_version(fmt),
         **checked,
-        "map": checked["map_onnx"],
-        "best_map": checked["map_onnx"],
-        "onnx_bytes": file_size(path),
+        "map": checked["map_runtime"],
+        "best_map": checked["map_runtime"],
+        f"{fmt}_bytes": size,
         "model_file": str(path),
         **cpu_isa(),
     }
@@ -391,9 +400,12 @@ def run_detection(
         sessions = {tag: sess}
         if qdq is not None:  # the same core in fp32, same runtime: the speed-up's base
             twin = CoreOutputs(fp32_twin(model), keys).eval()
-            export_onnx(twin, run_dir / "model_fp32.onnx", data.image_shape, opset, dynamo, name)
-            sessions["fp32"] = session(run_dir / "model_fp32.onnx")
-        metrics.update(latencies(sessions, data.image_shape, core))
+            onnx32 = export_onnx(twin, run_dir / "model_fp32.onnx", data.image_shape, opset, dynamo)
+            if fmt == "onnx":
+                sessions["fp32"] = session(onnx32)
+            else:
+                sessions["fp32"] = compile_cpu(export_openvino(onnx32, run_dir / "model_fp32.xml"))
+        metrics.update(latencies(sessions, data.image_shape, core, timer))
         if qdq is not None:
             for b in BATCHES:
                 ratio = metrics[f"latency_ms_bs{b}_fp32"] / metrics[f"latency_ms_bs{b}_int8"]
@@ -413,13 +425,23 @@ def ort_core(sess: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
     return run_core
 
 
+def ov_core(compiled: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """A compiled OpenVINO model of a detector core as RuntimeDetector's `run_core`."""
+
+    def run_core(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        res = compiled(x.detach().cpu().numpy().astype("float32"))
+        return tuple(torch.from_numpy(res[out].copy()) for out in compiled.outputs)
+
+    return run_core
+
+
 def detection_checked(
-    model: torch.nn.Module, core: torch.nn.Module, sess: Any, data: Any
+    model: torch.nn.Module, core: torch.nn.Module, run_core: Any, data: Any
 ) -> dict[str, Any]:
-    """A detector core's ORT session against `core` (PyTorch) over the val set: the largest raw
-    output difference (relative to the largest output), the images whose decoded detections
-    match and their largest box distance in pixels, and mAP in PyTorch and in ORT."""
-    run_core = ort_core(sess)
+    """A detector core run elsewhere (`run_core`: ORT, OpenVINO) against `core` (PyTorch) over
+    the val set: the largest raw output difference (relative to the largest output), the images
+    whose decoded detections match and their largest box distance in pixels, and mAP in
+    PyTorch and in the runtime."""
     runtime = RuntimeDetector(model, run_core, core.keys)
     loader = eval_loader(data, torch.device("cpu"), 8)
     raw, same, worst, images = 0.0, 0, 0.0, 0
@@ -437,7 +459,7 @@ def detection_checked(
         "images_same_detections": same,
         "max_box_diff_px": worst,
         "map_torch": task.evaluate(model, loader)["map"],
-        "map_onnx": task.evaluate(runtime, loader)["map"],
+        "map_runtime": task.evaluate(runtime, loader)["map"],
     }
 
 
@@ -483,7 +505,7 @@ RUNTIME_NAMES = {"onnx": "ORT", "openvino": "OpenVINO", "ncnn": "ncnn"}
 
 
 def table(m: dict[str, Any]) -> str:
-    if "map_onnx" in m:
+    if "map_runtime" in m:
         return detection_table(m)
     fmt = m.get("format", "onnx")
     rt = RUNTIME_NAMES[fmt]
@@ -560,16 +582,19 @@ def table(m: dict[str, Any]) -> str:
 
 
 def detection_table(m: dict[str, Any]) -> str:
+    rt = RUNTIME_NAMES[m["format"]]
+    into = "ONNX" if m["format"] == "onnx" else "OpenVINO IR (from ONNX"
     lines = [
-        f"{m['model']} ({m['quant']}) -> ONNX opset {m['opset']} ({m['exporter']} exporter), "
-        f"{m['onnx_bytes']} bytes: the core; decoding and NMS in Python",
+        f"{m['model']} ({m['quant']}) -> {into} opset {m['opset']} ({m['exporter']} exporter"
+        f"{')' if m['format'] != 'onnx' else ''}), {m[m['format'] + '_bytes']} bytes: the core; "
+        "decoding and NMS in Python",
         f"raw head outputs: max |diff| {m['max_rel_diff']:.2e} of the largest; "
         f"{m['images_same_detections']} of {m['images']} images with the same detections, "
         f"boxes within {m['max_box_diff_px']:.2e} px",
-        f"test mAP: PyTorch {m['map_torch']:.2f}, ONNX Runtime {m['map_onnx']:.2f}",
+        f"test mAP: PyTorch {m['map_torch']:.2f}, {rt} {m['map_runtime']:.2f}",
     ]
-    if m.get("int8"):
-        kernels = m.get("kernels") or {}
+    if m.get("int8") and "kernels" in m:
+        kernels = m["kernels"]
         lines.insert(
             1,
             f"integer core: {kernels.get('QLinearConv', 0)} QLinearConv, "
@@ -577,7 +602,7 @@ def detection_table(m: dict[str, Any]) -> str:
         )
     for b in BATCHES if "latency_ms_bs1_torch" in m else ():
         ort = ", ".join(
-            f"ORT {tag} {m[f'latency_ms_bs{b}_{tag}']:.2f} ms"
+            f"{rt} {tag} {m[f'latency_ms_bs{b}_{tag}']:.2f} ms"
             for tag in ("int8", "fp32")
             if f"latency_ms_bs{b}_{tag}" in m
         )
