@@ -56,6 +56,7 @@ COLUMNS = [
     "pareto_int8",
     "epochs",
     "wall_s",
+    "metric",  # what test_acc holds: top-1, or a detector's mAP
 ]
 
 
@@ -73,7 +74,7 @@ def _metrics_status(m: dict[str, Any]) -> str:
     ended like that must never pass for a result, let alone the best one)."""
     last = (m.get("history") or [{}])[-1]
     for source, where in ((m, ""), (last, f" (epoch {last.get('epoch')})")):
-        for key in ("test_acc", "best_test_acc", "test_loss", "train_loss"):
+        for key in ("test_acc", "best_test_acc", "map", "best_map", "test_loss", "train_loss"):
             if not _finite(source.get(key)):
                 return f"diverged: non-finite {key.replace('_', ' ')}{where}"
     return "ok"
@@ -219,7 +220,10 @@ def _row(run: Path, root: Path) -> dict[str, Any]:
         "a_bits": 8 if ptq else m.get("a_bits", 32),
         "stages": kind,
         "pruned": "yes" if pruned else "no",
-        "test_acc": m.get("test_acc"),
+        # a detector's mAP in the accuracy column (metric says which), so a sweep of detectors
+        # is compared, plotted and ranked the same way
+        "test_acc": m.get("test_acc", m.get("map")),
+        "metric": "mAP" if "test_acc" not in m and "map" in m else "top-1",
         "status": status,
         "params": m.get("params"),
         "macs": m.get("macs"),

@@ -284,10 +284,9 @@ def test_a_detection_data_set_trains_a_detector_through_the_train_task(det_data,
     ("overrides", "message"),
     [
         ({"distill": {"kind": "kd"}}, "distill=kd distils classifiers' logits"),
-        ({"sparsity": {"enabled": True}}, "sparse training of detectors is not in yet"),
         ({"schedule": {"tta": True}}, "schedule.tta=true is for classifiers"),
     ],
-    ids=["distill", "sparsity", "tta"],
+    ids=["distill", "tta"],
 )
 def test_what_a_detector_does_not_train_with_yet_is_one_line(
     det_data, tmp_path, overrides, message
@@ -500,3 +499,26 @@ def test_a_detector_checkpoint_calibrates_to_a_static_int8_core(det_data, traine
     assert m["max_rel_diff"] < 1e-4 and m["map_fp32"] == pytest.approx(m["map_torch"], abs=1e-6)
     assert m["map"] == m["map_int8"] and 0 <= m["map_int8"] <= 100
     assert "ORT int8" in calibrate.table(m)
+
+
+@pytest.mark.slow  # two training runs and a prune: about 12 s alone (make test-slow)
+def test_network_slimming_of_a_detector_sparse_trains_then_prunes_by_bn_scales(det_data, tmp_path):
+    """Slimming on a detector: L1 on the core's prunable BN scales during training (they
+    shrink against a run without it), then prune.py by bn_scale thins the detector."""
+    from compress.checkpoint import load_checkpoint
+    from compress.prune.slimming import slimming_scales
+    from compress.spec import model_from_checkpoint
+    from compress.tasks import prune, train
+
+    def gammas(run) -> float:
+        model = model_from_checkpoint(load_checkpoint(run / "last.pt"))
+        return float(sum(g.abs().sum() for g in slimming_scales(model, (3, 64, 64))))
+
+    cfg = _det_run_cfg(det_data)
+    cfg["schedule"]["epochs"] = 1
+    train.run(cfg, tmp_path / "plain")
+    train.run({**cfg, "sparsity": {"enabled": True, "s": 0.01}}, tmp_path / "sparse")
+    assert gammas(tmp_path / "sparse") < gammas(tmp_path / "plain") - 1.0
+    ckpt = str(tmp_path / "sparse" / "last.pt")
+    m = prune.run({"ckpt": ckpt, "pruner": {"percent": 0.3}}, tmp_path / "pruned")
+    assert m["importance"] == "bn_scale" and m["params"] < m["params_before"]

@@ -308,3 +308,14 @@ def test_stages_of_hand_made_metrics(tmp_path):
     del pipe[-1]["kind"]  # a stage list that does not say its kinds is not one
     fake_run(tmp_path / "odd", test_acc=50.0, stages=pipe)
     assert collect(tmp_path / "odd")[0]["stages"] == "train"  # fake_run's epochs
+
+
+def test_a_sweep_of_detectors_ranks_them_by_map(tmp_path):
+    det = {"model": "torchvision_det/ssdlite320_mobilenet_v3_large", "dataset": "cifar10_det"}
+    fake_run(tmp_path / "0_fp32", map=20.0, best_map=20.0, **det)
+    fake_run(tmp_path / "1_int8", quant="int8_qat", w_bits=8, a_bits=8, map=19.5, **det)
+    fake_run(tmp_path / "2_nan", map=float("nan"), **det)
+    rows = {r["run"]: r for r in write_report(tmp_path)}
+    assert rows["1_int8"]["test_acc"] == 19.5 and rows["1_int8"]["metric"] == "mAP"
+    assert rows["1_int8"]["delta_vs_fp32"] == -0.5
+    assert rows["2_nan"]["status"] == "diverged: non-finite map"

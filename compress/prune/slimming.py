@@ -11,13 +11,15 @@ import torch
 from torch import nn
 
 from compress.config import validate_sparsity
+from compress.detection.models import core_of
 from compress.prune.pruner import channel_graph
 
 
 def slimming_scales(model: nn.Module, image_shape: Sequence[int]) -> list[nn.Parameter]:
     """The BN scales (gamma) that rank the model's prunable channels."""
     graph = channel_graph(model, image_shape)
-    return [model.get_submodule(bn).weight for bn in graph.bn_names()]
+    core = core_of(model)  # a detector's: the graph's names are its core's
+    return [core.get_submodule(bn).weight for bn in graph.bn_names()]
 
 
 def regularize_bn_(scales: Sequence[nn.Parameter], s: float) -> None:

@@ -278,8 +278,6 @@ def _check_detection_run(cfg: dict[str, Any], sched: TrainConfig, distilled: boo
     """What a detector does not train with yet, each one line (rather than a wrong run)."""
     if distilled:
         raise ConfigError("distill=kd distils classifiers' logits: a detector has none")
-    if (cfg.get("sparsity") or {}).get("enabled"):
-        raise ConfigError("sparsity.enabled=true: sparse training of detectors is not in yet")
     if sched.tta:
         raise ConfigError("schedule.tta=true is for classifiers: a detector has no flip TTA")
 
