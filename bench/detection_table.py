@@ -59,7 +59,8 @@ def make_row(key: str, how: str, out: Path, args: argparse.Namespace, log: Path)
     ft = [f"schedule.epochs={args.ft}", "schedule.lr=0.002", "schedule.lr_schedule=cosine"]
     run = out / key
     if how == "base":
-        steps = [["train.py", *common, f"schedule.epochs={args.epochs}", "schedule.lr=0.02"]]
+        base = [f"schedule.epochs={args.epochs}", "schedule.lr=0.02", "schedule.eval_every=4"]
+        steps = [["train.py", *common, *base]]
     elif how == "prune":
         prune = ["prune.py", f"ckpt={base}", "pruner.importance=l1", "pruner.target=macs"]
         if why := run_step([*prune, "pruner.percent=0.3"], run / "prune", log):

@@ -512,7 +512,7 @@ def test_network_slimming_of_a_detector_sparse_trains_then_prunes_by_bn_scales(d
 
     def gammas(run) -> float:
         model = model_from_checkpoint(load_checkpoint(run / "last.pt"))
-        return float(sum(g.abs().sum() for g in slimming_scales(model, (3, 64, 64))))
+        return float(sum(g.detach().abs().sum() for g in slimming_scales(model, (3, 64, 64))))
 
     cfg = _det_run_cfg(det_data)
     cfg["schedule"]["epochs"] = 1
