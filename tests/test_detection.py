@@ -522,3 +522,27 @@ def test_network_slimming_of_a_detector_sparse_trains_then_prunes_by_bn_scales(d
     ckpt = str(tmp_path / "sparse" / "last.pt")
     m = prune.run({"ckpt": ckpt, "pruner": {"percent": 0.3}}, tmp_path / "pruned")
     assert m["importance"] == "bn_scale" and m["params"] < m["params_before"]
+
+
+def custom_ssdlite(num_classes: int = 11) -> torch.nn.Module:
+    """A user's own builder (model=custom model.target=tests.test_detection.custom_ssdlite)."""
+    return build_detector("ssdlite320_mobilenet_v3_large", num_classes, 64)
+
+
+@pytest.mark.slow  # a training epoch: about 4 s (make test-slow)
+def test_a_users_own_detector_builder_trains_on_detection_data(det_data, tmp_path):
+    from compress.tasks import train
+
+    model = {"source": "custom", "target": "tests.test_detection.custom_ssdlite"}
+    cfg = _det_run_cfg(det_data, model=model)
+    cfg["schedule"]["epochs"] = 1
+    m = train.run(cfg, tmp_path)
+    assert m["model"] == "custom/tests.test_detection.custom_ssdlite" and "map" in m
+
+
+def test_a_custom_model_that_is_no_detector_is_one_line_on_detection_data(det_data, tmp_path):
+    from compress.tasks import train
+
+    model = {"source": "custom", "target": "compress.models.resnet.resnet20"}
+    with pytest.raises(ConfigError, match="built a .*, and dataset=cifar10_det trains detectors"):
+        train.run(_det_run_cfg(det_data, model=model), tmp_path)

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from compress.data import cifar_det
 from compress.data.coco import CocoDetection, collate, eval_transforms, train_transforms
 from compress.data.folder import EpochSampler, SeededSamples, leave_stop_signals
+from compress.detection.models import is_detector
 from compress.errors import ConfigError
 
 Batch = tuple[list[torch.Tensor], list[dict[str, Any]]]
@@ -150,8 +152,11 @@ def load_detection_data(cfg: dict[str, Any]) -> DetectionData:
 def check_model_fits_data(model_cfg: dict[str, Any], dataset_name: str | None) -> None:
     """A classifier on a detection data set, or a detector on a classification one, is one
     line naming the fix."""
-    detector = model_cfg.get("source") in DETECTION_MODEL_SOURCES
-    model = model_cfg.get("name") or model_cfg.get("source")
+    source = model_cfg.get("source")
+    detector = source in DETECTION_MODEL_SOURCES
+    model = model_cfg.get("name") or source
+    if source == "custom":  # a user's builder: what it builds is checked (check_is_detector)
+        return
     if is_detection_dataset(dataset_name) and not detector:
         raise ConfigError(
             f"model={model} is a classifier and dataset={dataset_name} a detection data set: "
@@ -162,4 +167,14 @@ def check_model_fits_data(model_cfg: dict[str, Any], dataset_name: str | None) -
         raise ConfigError(
             f"model.name={model} is a detector and dataset={dataset_name} a classification "
             f"data set: use dataset=coco dataset.root=DIR or dataset=cifar10_det"
+        )
+
+
+def check_is_detector(model: nn.Module, dataset_name: str, what: str) -> None:
+    """A model built for a detection data set must have torchvision's detection interface."""
+    if not is_detector(model):
+        raise ConfigError(
+            f"{what} built a {type(model).__name__}, and dataset={dataset_name} trains "
+            "detectors: the model needs torchvision's detection interface (transform, backbone, "
+            "and head or rpn; losses in training mode, detections in eval mode)"
         )

@@ -25,7 +25,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from compress.checkpoint import load_checkpoint
 from compress.cli import write_json
 from compress.config import validate_distill
-from compress.detection.data import check_model_fits_data
+from compress.detection.data import check_is_detector, check_model_fits_data
 from compress.distill import Distiller, cross_entropy_loss
 from compress.distributed import Dist, check_resume_world, init_from_env
 from compress.engine import Callback, TrainConfig, fit
@@ -140,6 +140,9 @@ def _run(
     else:
         model, _ = build_model(cfg, data)
         init = _init_record(model)
+    if is_detection(data):
+        what = f"model={model_name(cfg['model'])}"
+        check_is_detector(model, data.name, what)
     loss_fn = None
     if distilled:  # before quantize_: `self` is the model as it starts, uncompressed
         teacher = build_teacher(cfg, data, model, resumed=resume_state is not None)
