@@ -532,8 +532,10 @@ def test_iterative_prune_resumes_after_a_finished_step_with_the_same_weights(tmp
     calls, real = {"n": 0}, engine.evaluate
 
     def interrupt_step2_epoch2(*args, **kwargs):
-        calls["n"] += 1  # train: 1, step 1: 2 finetune epochs, step 2: epoch 1, then epoch 2
-        if calls["n"] == 5:
+        # train: 1; step 1: the prune's 2 (before / after) and 2 finetune epochs; step 2: the
+        # prune's 2, epoch 1, then epoch 2
+        calls["n"] += 1
+        if calls["n"] == 9:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
