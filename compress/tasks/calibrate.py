@@ -120,16 +120,27 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         "per_channel_weights": qdq["per_channel_weights"],
         **cpu_isa(),
     }
+    sizes_and_speed(metrics, cfg, {"fp32": sess32, "int8": sess8}, data.image_shape, model)
+    metrics["test_acc"] = metrics["best_test_acc"] = metrics["test_acc_int8"]
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def sizes_and_speed(
+    metrics: dict[str, Any],
+    cfg: dict[str, Any],
+    sessions: dict[str, Any],
+    image_shape: tuple[int, ...],
+    model: torch.nn.Module,
+) -> None:
+    """fp32 / int8 file size ratio and, unless latency=false, the latencies and speed-ups."""
     metrics["size_ratio"] = metrics["onnx_bytes"] / metrics["int8_bytes"]
     if cfg.get("latency", True):
-        metrics.update(latencies({"fp32": sess32, "int8": sess8}, data.image_shape, model))
+        metrics.update(latencies(sessions, image_shape, model))
         for b in BATCHES:
             metrics[f"speedup_bs{b}"] = (
                 metrics[f"latency_ms_bs{b}_fp32"] / metrics[f"latency_ms_bs{b}_int8"]
             )
-    metrics["test_acc"] = metrics["best_test_acc"] = metrics["test_acc_int8"]
-    write_json(run_dir / "metrics.json", metrics)
-    return metrics
 
 
 def table(m: dict[str, Any]) -> str:
@@ -215,13 +226,7 @@ def run_detection(
         "int8_weights": qdq["int8_weights"],
         **cpu_isa(),
     }
-    metrics["size_ratio"] = metrics["onnx_bytes"] / metrics["int8_bytes"]
-    if cfg.get("latency", True):
-        metrics.update(latencies({"fp32": sess32, "int8": sess8}, data.image_shape, core))
-        for b in BATCHES:
-            metrics[f"speedup_bs{b}"] = (
-                metrics[f"latency_ms_bs{b}_fp32"] / metrics[f"latency_ms_bs{b}_int8"]
-            )
+    sizes_and_speed(metrics, cfg, {"fp32": sess32, "int8": sess8}, data.image_shape, core)
     metrics["map"] = metrics["best_map"] = metrics["map_int8"]
     write_json(run_dir / "metrics.json", metrics)
     return metrics

@@ -274,6 +274,13 @@ def integer_model(
         seed = int(cfg.get("seed", 0))
         loader = calibration_loader(data, n, REQUANT_BATCH_SIZE, seed, key="requant_batches")
         calib = (x for x, _ in loader)
+    return qdq_or_float(model, calib, choice)
+
+
+def qdq_or_float(
+    model: torch.nn.Module, calib: Any, choice: str | bool
+) -> tuple[torch.nn.Module | None, dict[str, Any]]:
+    """to_qdq, or None (the fake-quant float graph is written) with why, unless int8=true."""
     try:
         qdq, report = to_qdq(model, calib)
     except QDQError as e:
@@ -480,14 +487,7 @@ def integer_core(
     with torch.no_grad():
         batches = itertools.islice(iter(train), requant_batches(cfg))
         calib = [model.transform(images)[0].tensors for images, _ in batches]
-    try:
-        qdq, report = to_qdq(core, calib)
-    except QDQError as e:
-        if choice is True:
-            raise ConfigError(f"int8=true: {e}") from None
-        log.warning("export: writing the fake-quant float graph: %s", e)
-        return None, {"int8": False, "int8_skipped": str(e)}
-    return qdq, {"int8": True, **report.as_metrics()}
+    return qdq_or_float(core, calib, choice)
 
 
 def fp32_session(model: torch.nn.Module, data: Any, run_dir: Path, cfg: dict[str, Any]) -> Any:

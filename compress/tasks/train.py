@@ -248,7 +248,7 @@ def _run(
         log_hparams(writer, hparams, hparam_metrics(metrics), metrics["epochs"])
     log.info(
         "%s after %d epochs; %d params, %.1f MMACs, %.1f KB",
-        headline(metrics)[0],
+        headline(metrics, sep="")[0],
         metrics["epochs"],
         metrics["params"],
         metrics["macs"] / 1e6,
@@ -258,12 +258,14 @@ def _run(
     return metrics
 
 
-def headline(metrics: dict[str, Any]) -> tuple[str, float]:
+def headline(metrics: dict[str, Any], sep: str = ":") -> tuple[str, float]:
     """The run's result in words and as the number a sweep optimizes: test accuracy of a
-    classifier, mAP of a detector."""
+    classifier, mAP of a detector. `sep` after the name: train.py prints "test accuracy: ..."
+    once per run (scripts look for it), the log says it without."""
     if "map" in metrics:
-        return f"test mAP: {metrics['map']:.2f} (best {metrics['best_map']:.2f})", metrics["map"]
-    text = f"test accuracy: {metrics['test_acc']:.2f}% (best {metrics['best_test_acc']:.2f}%)"
+        text = f"test mAP{sep} {metrics['map']:.2f} (best {metrics['best_map']:.2f})"
+        return text, metrics["map"]
+    text = f"test accuracy{sep} {metrics['test_acc']:.2f}% (best {metrics['best_test_acc']:.2f}%)"
     return text, metrics["test_acc"]
 
 
