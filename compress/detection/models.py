@@ -26,16 +26,20 @@ def detector_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models.detection)
 
 
-def build_detector(name: str, num_classes: int, image_size: int, **kwargs: Any) -> nn.Module:
-    """torchvision detector `name` with `num_classes` classes (background included: the data
-    set's largest category id + 1), untrained, reading `image_size` x `image_size` images.
-    `kwargs` go to torchvision's builder (e.g. trainable_backbone_layers)."""
+def check_detector_name(name: str | None) -> None:
     names = detector_names()
     if name not in names:
         raise ConfigError(
             f"model.name={name} is not a torchvision detector: expected one of "
             f"{', '.join(sorted(names))}"
         )
+
+
+def build_detector(name: str, num_classes: int, image_size: int, **kwargs: Any) -> nn.Module:
+    """torchvision detector `name` with `num_classes` classes (background included: the data
+    set's largest category id + 1), untrained, reading `image_size` x `image_size` images.
+    `kwargs` go to torchvision's builder (e.g. trainable_backbone_layers)."""
+    check_detector_name(name)
     if not isinstance(image_size, int) or image_size < 32:
         raise ConfigError(f"model.image_size={image_size} is invalid: expected an integer >= 32")
     model = torchvision.models.get_model(

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from compress.detection.models import build_detector, detector_names
+from compress.detection.models import build_detector, check_detector_name
 from compress.errors import ConfigError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -99,8 +99,7 @@ def _builder(source: str, name: str | None, target: str | None) -> Callable[...,
             )
         return tvm.get_model_builder(name)
     if source == "torchvision_det":
-        if name not in detector_names():
-            build_detector(str(name), 2, 64)  # its one line naming the choices
+        check_detector_name(name)
         return functools.partial(build_detector, name)
     if name not in _MODELS:
         raise ConfigError(f"model={name!r} is unknown: expected one of {', '.join(list_models())}")

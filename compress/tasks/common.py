@@ -250,7 +250,13 @@ def model_metrics(model: nn.Module, data: Any) -> dict[str, int]:
     }
 
 
+DETECTION_EVAL_BATCH = 8  # detection batches are lists of full images with their targets
+
+
 def eval_loader(data: Any, device: torch.device, batch: int = 500) -> Any:
+    """The test split in order; a detection set's in batches of at most DETECTION_EVAL_BATCH."""
+    if is_detection(data):
+        batch = min(batch, DETECTION_EVAL_BATCH)
     if hasattr(data, "loaders"):  # a streaming data set builds its own
         return data.loaders(batch, batch, device, seed=0)[1]
     return TensorLoader(data.test, batch, data.mean, data.std, device)

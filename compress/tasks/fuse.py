@@ -50,7 +50,7 @@ def run(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     device = resolve_device(cfg.get("device", "cpu"))
     model.to(device).eval()
     detection = is_detection(data)
-    loader = eval_loader(data, device, 8 if detection else 500)
+    loader = eval_loader(data, device)
     before_logits, labels = (core_outputs if detection else logits_on)(model, loader)
     before = model_metrics(model, data)
     fused = copy.deepcopy(model)

@@ -136,9 +136,8 @@ def run(
     small = thin(model, keep, data.image_shape, require_bn=bn)
     before, after = model_metrics(model, data), model_metrics(small, data)
     accs = {}
-    batch = 8 if is_detection(data) else 500  # detection batches are lists of full images
     for tag, m in (("before", model), ("after", small)):
-        accs[tag] = task.evaluate(m.to(device), eval_loader(data, device, batch))[task.metric]
+        accs[tag] = task.evaluate(m.to(device), eval_loader(data, device))[task.metric]
     # a classifier's test_acc_before / test_acc / best_test_acc, a detector's map_before / ...
     key = "test_acc" if task.metric == "acc" else task.metric
     scores = {f"{key}_before": accs["before"], key: accs["after"], f"best_{key}": accs["after"]}
