@@ -68,25 +68,15 @@ def rows(ft: int, seeds: int) -> list[Row]:
     l1 = ["pruner.importance=l1", "pruner.target=macs"]
     return [
         q("fp32", "fp32 finetune + KD (control)", 0.3, "91.6", packs=False),
-        q("w8a8", "DoReFa W8A8", 0.3, "", integer=True),
-        q("w4a4", "DoReFa W4A4", 0.7, "90.5", seeds),
-        q("w2a2", "DoReFa W2A2", 3.0, "88.2", seeds),
-        q("w8a8p", "PACT W8A8", 0.3, "", integer=True),
-        q("w4a4p", "PACT W4A4", 0.7, "91.3", seeds, integer=True),
-        q("w2a2p", "PACT W2A2", 3.0, "89.7", seeds),
-        q("w8a8l", "LSQ W8A8", 0.3, "", integer=True),
-        q("w4a4l", "LSQ W4A4", 0.7, "", seeds, integer=True),
-        q("w3a3l", "LSQ W3A3", 1.5, "91.1 (PACT)", integer=True),
-        q("w2a2l", "LSQ W2A2", 3.0, "91.0 (APoT)", seeds),
-        q("wba32", "binary weights, fp32 acts (WbA32)", 2.0, "90.8 (IR-Net)"),
-        q("wta32", "ternary weights, fp32 acts (WtA32)", 1.2, "91.1 (TTQ)"),
-        q("wbab", "binary weights and acts (WbAb)", None, "86.5 (IR-Net)"),
-        q("wtab", "ternary weights, binary acts (WtAb)", None, ""),
-        q("int8_qat", "INT8 QAT", 0.3, "", integer=True),
         *(
             Row(f"ptq_{m}", f"INT8 PTQ {m} (no finetune)", "ptq", [f"calib.method={m}"], 0.3)
             for m in ("minmax", "percentile", "entropy")
         ),
+        q("int8_qat", "INT8 QAT", 0.3, "", integer=True),
+        q("w8a8l", "LSQ W8A8", 0.3, "", integer=True),
+        q("w4a4l", "LSQ W4A4", 0.7, "", seeds, integer=True),
+        q("w3a3l", "LSQ W3A3", 1.5, "91.1 (PACT)", integer=True),
+        q("w2a2l", "LSQ W2A2", 3.0, "91.0 (APoT)", seeds),
         pruned("l1_30", "L1 pruning, 30% fewer MACs", 0.5,
                f"[prune,{{stage: finetune, epochs: {ft}}}]", [*l1, "pruner.percent=0.3"]),
         pruned("l1_50", "L1 pruning, 50% fewer MACs", 1.5,
@@ -99,6 +89,16 @@ def rows(ft: int, seeds: int) -> list[Row]:
                f"[prune,{{stage: finetune, epochs: {half}, quant: {FP32}}},"
                f"{{stage: quantize, epochs: {rest}, lr: 0.005}}]",
                [*l1, "pruner.percent=0.5", "quant=w4a4l"]),
+        q("w8a8", "DoReFa W8A8", 0.3, "", integer=True),
+        q("w4a4", "DoReFa W4A4", 0.7, "90.5", seeds),
+        q("w2a2", "DoReFa W2A2", 3.0, "88.2", seeds),
+        q("w8a8p", "PACT W8A8", 0.3, "", integer=True),
+        q("w4a4p", "PACT W4A4", 0.7, "91.3", seeds, integer=True),
+        q("w2a2p", "PACT W2A2", 3.0, "89.7", seeds),
+        q("wba32", "binary weights, fp32 acts (WbA32)", 2.0, "90.8 (IR-Net)"),
+        q("wta32", "ternary weights, fp32 acts (WtA32)", 1.2, "91.1 (TTQ)"),
+        q("wbab", "binary weights and acts (WbAb)", None, "86.5 (IR-Net)"),
+        q("wtab", "ternary weights, binary acts (WtAb)", None, ""),
     ]  # fmt: skip
 
 
@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--base", type=Path, help="a finished run dir of experiment=base_cpu")
     ap.add_argument("--base-epochs", type=int, default=None)
-    ap.add_argument("--ft", type=int, default=5, help="finetune epochs per row (at most 5)")
+    ap.add_argument(
+        "--ft", type=int, default=2, help="finetune epochs per row (at most 5; 2: about 3 h in all)"
+    )
     ap.add_argument("--seeds", type=int, default=2, help="seeds of the 4- and 2-bit rows")
     ap.add_argument("--only", default="", help="comma-separated row keys")
     a = ap.parse_args(argv)
