@@ -456,8 +456,106 @@ def test_box_agreement_matches_detections_as_sets():
 def test_a_detector_the_runtime_path_cannot_decode_is_one_line():
     from compress.detection.runtime import check_exportable
 
-    with pytest.raises(ConfigError, match="the runtime path decodes SSD / SSDlite outputs only"):
-        check_exportable(torch.nn.Identity(), "retinanet")
+    torch.manual_seed(0)
+    two_stage = build_detector("fasterrcnn_mobilenet_v3_large_fpn", num_classes=4, image_size=64)
+    with pytest.raises(ConfigError, match="decodes one-stage detectors only .* FasterRCNN needs"):
+        check_exportable(two_stage, "faster r-cnn")
+
+
+FPN = {"backbone": "mobilenet_v3_large", "fpn_channels": 64}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "stages", "widths"),
+    [
+        ("mobilenet_v3_large", ["6", "12", "16"], [40, 112, 960]),
+        ("resnet18", ["layer2", "layer3", "layer4"], [128, 256, 512]),
+    ],
+)
+def test_an_fpn_detector_reads_a_chosen_backbones_stride_8_16_32_stages(backbone, stages, widths):
+    torch.manual_seed(0)
+    model = build_detector("fcos_resnet50_fpn", 4, SIZE, backbone=backbone, fpn_channels=64)
+    body = model.backbone
+    assert list(body.body.return_layers) == stages and body.out_channels == 64
+    assert [m.in_channels for m in body.fpn.inner_blocks.modules() if hasattr(m, "in_channels")]
+    with torch.no_grad():
+        maps = body.eval()(torch.zeros(1, 3, 128, 128))
+    # P3..P5 from the stages, P6 / P7 from P5: strides 8 .. 128, all 64 channels wide
+    assert [tuple(f.shape[1:]) for f in maps.values()] == [(64, 16, 16), (64, 8, 8), (64, 4, 4),
+                                                           (64, 2, 2), (64, 1, 1)]  # fmt: skip
+    inner = [b[0].in_channels for b in body.fpn.inner_blocks]
+    assert inner == widths
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        ("ssdlite320_mobilenet_v3_large", {"backbone": "resnet18"}, "are for the one-stage FPN"),
+        ("fcos_resnet50_fpn", {"fpn_channels": 48}, "fpn_channels=48 is invalid: expected a mult"),
+        ("retinanet_resnet50_fpn", {"backbone": "nope"}, "backbone=nope is not a torchvision"),
+        ("fcos_resnet50_fpn", {"backbone": "vit_b_16"}, "no stride 8 / 16 / 32 stages among"),
+    ],
+)
+def test_bad_fpn_detector_settings_are_one_line(name, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        build_detector(name, num_classes=4, image_size=SIZE, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "keys"),
+    [
+        ("fcos_resnet50_fpn", ("bbox_ctrness", "bbox_regression", "cls_logits")),
+        ("retinanet_resnet50_fpn", ("bbox_regression", "cls_logits")),
+    ],
+)
+def test_fpn_detectors_decode_their_cores_outputs_to_their_own_detections(name, keys):
+    """RuntimeDetector splits the core's outputs per feature map (A anchors a place) as
+    RetinaNet's and FCOS's forward do: the same detections from the core run outside."""
+    from compress.detection.runtime import CoreOutputs, RuntimeDetector, output_keys
+
+    torch.manual_seed(0)
+    model = build_detector(name, 4, SIZE, **FPN).eval()
+    model.score_thresh = 0.0  # an untrained detector's scores are all low: keep 100 an image
+    assert output_keys(model, SIZE) == keys
+    core = CoreOutputs(model, keys)
+    outside = RuntimeDetector(model, lambda x: tuple(t.clone() for t in core(x)), keys)
+    images = [torch.rand(3, SIZE, SIZE) for _ in range(2)] + [torch.rand(3, 64, 80)]
+    with torch.no_grad():
+        want, got = model(images), outside(images)
+    assert [len(w["boxes"]) for w in want] == [100] * 3
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(w["labels"], g["labels"]) and torch.equal(w["boxes"], g["boxes"])
+
+
+@pytest.mark.slow  # about 25 s on 2 cores: a QAT epoch, the QDQ conversion, an export
+def test_an_fcos_detector_trains_quantized_and_runs_as_an_integer_core_in_onnx_runtime(
+    det_data, tmp_path
+):
+    """The FPN path end to end: FCOS on a MobileNet-v3 FPN, int8 QAT with every layer input
+    quantized, exported; every quantized conv of the core (backbone, FPN, both towers) is an
+    integer layer and ORT's raw outputs decode through FCOS's own post-processing. (How close
+    the detections are is measured on a trained detector, bench/detection_table.py: after one
+    epoch from scratch on 16 images BN statistics and scores are not yet worth comparing.)"""
+    from compress.tasks import export, train
+
+    model = {"source": "torchvision_det", "name": "fcos_resnet50_fpn", **FPN}
+    quant = {"name": "int8_qat", "weight": {"kind": "int8"}}
+    quant["act"] = {"kind": "int8", "sites": "inputs"}
+    cfg = _det_run_cfg(det_data, model=model, quant=quant)
+    cfg["schedule"]["epochs"] = 1
+    metrics = train.run(cfg, tmp_path / "qat")
+    assert "map" in metrics and metrics["float_input_layers"] == {}
+    ckpt = str(tmp_path / "qat" / "last.pt")
+    m = export.run({"ckpt": ckpt, "format": "onnx", "latency": False}, tmp_path / "x")
+    # every quantized layer is integer in the QDQ model, the 8 shared tower convs too (40
+    # calls); float: the first conv and the three prediction convs (float weights)
+    heads = ["classification_head.cls_logits", "regression_head.bbox_reg"]
+    heads += ["regression_head.bbox_ctrness"]
+    floats = {"core.backbone.body.0.0", *(f"core.head.{h}" for h in heads)}
+    assert m["int8"] and set(m["qdq_float_layers"]) == floats
+    assert m["qdq_integer_layers"] == metrics["kbit_input_layers"] == 77
+    assert m["kernels"]["QLinearConv"] >= 100 and m["images"] == 8
+    assert 0 <= m["map_runtime"] <= 100 and "max_box_diff_px" in m
 
 
 @pytest.mark.slow  # about 14 s on 2 cores: QAT, the QDQ conversion, two exports (make test-slow)

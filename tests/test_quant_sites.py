@@ -157,6 +157,43 @@ def test_one_quantizer_per_tensor_signed_by_what_produces_it():
     assert q(torch.tensor([-1.0, 2.0])).min() < 0
 
 
+class SharedHead(nn.Module):
+    """One head conv applied to two levels (an FPN's shared head): to float maps (a conv's
+    outputs) and, after it, to ReLU outputs that its own ReLU quantizers put on grids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.r0 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.p3, self.p4 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head, self.relu, self.out = (
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 2, 1),
+        )
+
+    def forward(self, x):
+        x = self.r0(self.stem(x))
+        levels = [self.p3(x), self.p4(x)]
+        outs = [self.out(self.relu(self.head(f))) for f in levels]
+        return torch.cat([o.flatten(1) for o in outs], 1)
+
+
+def test_a_layer_called_on_several_float_tensors_gets_its_own_input_quantizer():
+    """Relu sites leave the shared head float and say why; input sites give it one quantizer
+    of its own (signed: conv outputs), one scale over both calls, while `out`, called on two
+    gridded ReLU outputs, needs none. Every quantized layer then multiplies 4-bit codes."""
+    cfg = quant()
+    cfg["keep_first_last"] = False
+    relu = quantize_(SharedHead(), {**cfg, "act": {**cfg["act"], "sites": "relu"}})
+    why = input_report(relu)["float_inputs"]
+    assert why["head"].startswith("called at 2 places on different inputs, 2 of them float (")
+    assert "out" not in why  # both calls read a ReLU quantizer's grid
+    model = quantize_(SharedHead(), cfg)
+    assert model.head.input_quant.signed and model.out._modules.get("input_quant") is None
+    assert input_report(model)["float_inputs"] == {}
+    assert max(levels_read(warmed(model, (3, 16, 16)), torch.randn(2, 3, 16, 16)).values()) <= 16
+
+
 def test_input_quantizers_survive_a_checkpoint_fusion_and_float_conversion():
     built = create_model(source="custom", target="tests.test_quant_sites.Branches")
     model = warmed(quantize_(built, quant()), (3, 8, 8))

@@ -19,13 +19,14 @@ post-training quantization).
   the weights, which integer codes times a per-channel scale express; equal to float rounding,
   not bit for bit where a rounding quantizer follows);
 - every conv / linear whose weight is quantized and whose input is such an integer tensor is a
-  `QDQConv2d` / `QDQLinear`: an int8 weight initializer with one scale per output channel (BN's
-  scale folded in) and an int32 bias at scale input_scale * weight_scale, which is what the
-  integer kernels need. Low-bit codes are widened (exactly) to make that bias step finer, as far
-  as AVX2's saturating int16 pair sums allow for the input's codes (`code_span`; codes that are
-  wide already, int8 or 7-bit weights, are not narrowed: behind 8-bit activations an AVX2 CPU
-  without VNNI can saturate them, as with any u8s8 int8 model). Before a sign the bias is
-  floored, which makes the sign exact;
+  `QDQConv2d` / `QDQLinear` (one called at several places, an FPN detector's head shared by the
+  levels, when every call reads one quantizer's codes): an int8 weight initializer with one
+  scale per output channel (BN's scale folded in) and an int32 bias at scale input_scale *
+  weight_scale, which is what the integer kernels need. Low-bit codes are widened (exactly) to
+  make that bias step finer, as far as AVX2's saturating int16 pair sums allow for the input's
+  codes (`code_span`; codes that are wide already, int8 or 7-bit weights, are not narrowed:
+  behind 8-bit activations an AVX2 CPU without VNNI can saturate them, as with any u8s8 int8
+  model). Before a sign the bias is floored, which makes the sign exact;
 - a max pool or a channel shuffle between a quantizer and its conv moves integer codes (a Q / DQ
   pair with the same parameters after it), so the conv after it still reads DQ; conv -> max pool
   -> quantizer becomes conv -> quantizer -> max pool (equal: the quantizer is monotone);
@@ -525,15 +526,19 @@ class _Conversion:
         self.read: set[fx.Node] = set()  # integer layers whose output a quantizer reads
         self.sites: dict[fx.Node, nn.Module] = {}  # quantizer call sites -> fake quantizer
         self.shared: dict[str, QDQAct | None] = {}  # quantizers called at several sites
+        # layers called at several places: (integer form, the grid it reads, float form)
+        self.shared_layers: dict[str, tuple[_QDQLayer, QDQAct, nn.Module] | None] = {}
         self.pending: dict[fx.Node, nn.Module] = {}  # quantized layers with a float input
 
     def visit(self, node: fx.Node) -> None:
         name, mod = node.target, self.mods[node.target]
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         q = _quantizer_of(mod)
-        if self.calls[name] > 1:  # a layer called twice keeps its float form
+        if self.calls[name] > 1:
             if q is not None:
                 self.shared_site(node, name, mod, q, src)
+            elif isinstance(mod, nn.Conv2d | nn.Linear):
+                self.shared_layer(node, name, mod, src)
         elif q is not None:
             self.site(node, name, mod, q, src)
         elif isinstance(mod, _KEEPS_GRID) and src in self.grid:
@@ -588,6 +593,33 @@ class _Conversion:
         self.grid[node], self.sites[node] = qdq, q
         self.report.acts.append(name)
 
+    def shared_layer(self, node: fx.Node, name: str, mod: nn.Module, src: object) -> None:
+        """A conv / linear called at several places (an FPN detector's head, shared by its
+        levels): integer when every call reads the codes of one quantizer (its own input
+        quantizer, quant.act.sites=inputs), else float, as a float input would leave it."""
+        if name in self.shared_layers and self.shared_layers[name] is None:
+            return  # float already
+        if name not in self.codes:
+            self.report.float_layers[name] = "float weights"
+            self.shared_layers[name] = None
+            return
+        inq = self.grid.get(src)  # type: ignore[arg-type]
+        done = self.shared_layers.get(name)
+        if done is None and inq is not None:  # the first call decides the integer form
+            new = self.integer_layer(name, mod, inq)
+            _set(self.m, name, new)
+            self.shared_layers[name] = done = (new, inq, mod)
+        if done is not None and inq is done[1]:
+            self.layers[node] = done[0]
+            return
+        if done is not None:  # a call on another grid or on float: back to float
+            _set(self.m, name, done[2])
+            for n in [n for n in self.layers if n.target == name]:
+                del self.layers[n]
+                self.read.discard(n)
+        self.shared_layers[name] = None
+        self.report.float_layers[name] = "called at several places, not all on one grid"
+
     def integer_layer(self, name: str, mod: nn.Module, inq: QDQAct) -> _QDQLayer:
         """The QDQ form of conv / linear `name` reading codes of `inq`."""
         w = mod.quantized_weight() if isinstance(mod, QConv2d | QLinear) else mod.weight
@@ -631,26 +663,34 @@ class _Conversion:
         """Integer layers whose output no quantizer reads (ResNet's conv before the add): a
         uint8 Q / DQ on the observed range, clipped to what the quantizer after the add sees."""
         report = self.report
-        open_nodes = [n for n in self.layers if n not in self.read]
-        report.integer_layers = [n.target for n in self.layers if n in self.read]
-        if not open_nodes or self.calib is None:
-            for node in open_nodes:
-                report.float_layers[node.target] = "its output is not quantized (int8 weights)"
+        calls: dict[str, list[fx.Node]] = {}  # a layer shared by several calls: one output Q
+        for n in self.layers:
+            calls.setdefault(n.target, []).append(n)  # type: ignore[arg-type]
+        open_names = [
+            name for name, nodes in calls.items() if any(n not in self.read for n in nodes)
+        ]
+        report.integer_layers = [name for name in calls if name not in open_names]
+        if not open_names or self.calib is None:
+            for name in open_names:
+                report.float_layers[name] = "its output is not quantized (int8 weights)"
             return
-        names = [n.target for n in open_nodes]
-        ranges, report.calib_images = observe_ranges(self.m, names, self.calib)
-        for node in open_nodes:
-            lo, hi = ranges[node.target]
-            bound = _add_then_quantizer(node, self.grid, self.mods)
-            if bound is not None:  # beyond these the sum saturates the quantizer anyway
-                lo, hi = lo.clamp(min=bound[0]), hi.clamp(max=bound[1])
-            flat = _flat_beyond(node, self.mods)
-            if flat is not None:  # beyond these the activation after the layer is constant
-                lo, hi = lo.clamp(min=flat[0]), hi.clamp(max=flat[1])
-            scale, zp = act_qparams(lo, hi)
+        ranges, report.calib_images = observe_ranges(self.m, open_names, self.calib)
+        for name in open_names:
+            los, his = [], []
+            for node in calls[name]:  # each call's clip of the observed range; their union
+                lo, hi = ranges[name]
+                bound = _add_then_quantizer(node, self.grid, self.mods)
+                if bound is not None:  # beyond these the sum saturates the quantizer anyway
+                    lo, hi = lo.clamp(min=bound[0]), hi.clamp(max=bound[1])
+                flat = _flat_beyond(node, self.mods)
+                if flat is not None:  # beyond these the activation after the layer is constant
+                    lo, hi = lo.clamp(min=flat[0]), hi.clamp(max=flat[1])
+                los.append(lo)
+                his.append(hi)
+            scale, zp = act_qparams(min(los), max(his))
             out = QDQAct(float(scale), int(zp), 0, 255)
-            _set(self.m, node.target, nn.Sequential(self.m.get_submodule(node.target), out))
-            report.requantized.append(node.target)
+            _set(self.m, name, nn.Sequential(self.m.get_submodule(name), out))
+            report.requantized.append(name)
         report.integer_layers += report.requantized
 
 

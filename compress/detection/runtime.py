@@ -4,9 +4,9 @@ transform, the anchors, the box decoding and NMS stay the PyTorch detector's own
 Python around the runtime's outputs. So the file is what an integer kernel can run, and the
 boxes are decoded by the same code that trained and evaluated the model.
 
-SSD / SSDlite only so far: their heads return one tensor per output kind over all anchors;
-RetinaNet and FCOS split theirs per feature map and two-stage detectors need the features
-for their second stage."""
+One-stage detectors (SSD / SSDlite, RetinaNet, FCOS): their heads return one tensor per output
+kind over all anchors (RetinaNet and FCOS decode them split per feature map, as their forward
+does). Two-stage detectors need the features for their second stage, so they are refused."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.ssd import SSD
 
 from compress.detection.models import core_of
@@ -25,11 +26,11 @@ RunCore = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 def check_exportable(model: nn.Module, name: str) -> None:
     """One line for a detector whose post-processing the runtime path does not cover."""
-    if not isinstance(model, SSD):
+    if not isinstance(model, SSD | RetinaNet | FCOS):
         raise ConfigError(
-            f"export of {name}: the runtime path decodes SSD / SSDlite outputs only so far "
-            f"({type(model).__name__}'s heads split their outputs per feature map or need a "
-            "second stage); export an ssdlite320_mobilenet_v3_large or ssd300_vgg16 checkpoint"
+            f"export of {name}: the runtime path decodes one-stage detectors only (SSD / "
+            f"SSDlite, RetinaNet, FCOS); {type(model).__name__} needs its features for a second "
+            "stage. Export an ssdlite320_mobilenet_v3_large, retinanet_* or fcos_* checkpoint"
         )
 
 
@@ -81,6 +82,12 @@ class RuntimeDetector(nn.Module):
         shapes = self._feature_shapes(x)
         features = [x.new_zeros(len(images), *s) for s in shapes]  # only their sizes are read
         anchors = d.anchor_generator(batch, features)
+        if not isinstance(d, SSD):  # RetinaNet / FCOS decode per feature map, A anchors a place
+            places = [s[-2] * s[-1] for s in shapes]
+            per_place = next(iter(outs.values())).shape[1] // sum(places)
+            split = [n * per_place for n in places]
+            outs = {k: list(v.split(split, dim=1)) for k, v in outs.items()}
+            anchors = [list(a.split(split)) for a in anchors]
         detections = d.postprocess_detections(outs, anchors, batch.image_sizes)
         return d.transform.postprocess(detections, batch.image_sizes, sizes)
 

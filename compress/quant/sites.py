@@ -234,17 +234,23 @@ class _Graph:
 
 
 def _readers(g: _Graph) -> tuple[dict[str, list[fx.Node]], dict[str, str]]:
-    """Each quantized layer's call nodes; the layers that cannot be given one input quantizer."""
+    """Each quantized layer's call nodes; the layers called on several tensors, not all of
+    them on a grid (a head shared by an FPN's levels), with why: no one tensor can be given
+    their quantizer, so such a layer gets its own (`add_input_quantizers_`)."""
     calls: dict[str, list[fx.Node]] = {}
     for node in g.graph.nodes:
         if node.op == "call_module" and isinstance(g.mods[node.target], _QUANTIZED):
             calls.setdefault(node.target, []).append(node)
-    odd = {
-        name: f"called at {len(nodes)} places on different inputs"
-        for name, nodes in calls.items()
-        if len({n.args[0] for n in nodes}) > 1
-    }
-    return calls, odd
+    shared: dict[str, str] = {}
+    for name, nodes in calls.items():
+        inputs = list(dict.fromkeys(n.args[0] for n in nodes))
+        floats = [x for x in inputs if g.grid(x) is None]
+        if len(inputs) > 1 and floats:
+            shared[name] = (
+                f"called at {len(inputs)} places on different inputs, {len(floats)} of them "
+                f"float ({g.why(floats[0])})"
+            )
+    return calls, shared
 
 
 def input_coverage(model: nn.Module) -> dict[str, str | None] | None:
@@ -255,14 +261,14 @@ def input_coverage(model: nn.Module) -> dict[str, str | None] | None:
     if graph is None:
         return None
     g = _Graph(graph, dict(model.named_modules()))
-    calls, odd = _readers(g)
+    calls, shared = _readers(g)
     out: dict[str, str | None] = {}
     for name, nodes in calls.items():
         layer = g.mods[name]
         if layer._modules.get("input_quant") is not None:
             out[name] = None
-        elif name in odd:
-            out[name] = odd[name]
+        elif name in shared:
+            out[name] = shared[name]
         else:
             x = nodes[0].args[0]
             out[name] = None if g.grid(x) is not None else g.why(x)
@@ -281,25 +287,28 @@ def input_quantizer(acfg: dict[str, Any], signed: bool) -> Quantizer:
     return act_quantizer({k: v for k, v in acfg.items() if k != "signed"})
 
 
-def add_input_quantizers_(model: nn.Module, acfg: dict[str, Any]) -> dict[str, str]:
+def add_input_quantizers_(model: nn.Module, acfg: dict[str, Any]) -> None:
     """Give every quantized layer that reads a float tensor an input quantizer (one per tensor,
-    shared by its quantized readers; `layer.input_quant`). Returns the layers left on float
-    input, with the reason. Raises ValueError when the model cannot be traced."""
+    shared by its quantized readers; `layer.input_quant`). A layer called on several tensors
+    (a head shared by an FPN's levels) gets its own, one scale over all its calls. Raises
+    ValueError when the model cannot be traced."""
     graph, reason = trace(model)
     if graph is None:
         raise ValueError(reason)
     g = _Graph(graph, dict(model.named_modules()))
-    calls, odd = _readers(g)
+    calls, shared = _readers(g)
     per_tensor: dict[fx.Node, list[str]] = {}
     for name, nodes in calls.items():
-        x = nodes[0].args[0]
-        if name in odd or g.grid(x) is not None:
-            continue
         if g.mods[name]._modules.get("input_quant") is not None:
             continue
-        per_tensor.setdefault(x, []).append(name)
+        if name in shared:
+            signed = not all(g.nonneg(n.args[0]) for n in nodes)
+            g.mods[name].input_quant = input_quantizer(acfg, signed=signed)
+            continue
+        x = nodes[0].args[0]
+        if g.grid(x) is None:
+            per_tensor.setdefault(x, []).append(name)
     for x, names in per_tensor.items():
         q = input_quantizer(acfg, signed=not g.nonneg(x))
         for name in names:
             g.mods[name].input_quant = q
-    return dict(odd)
