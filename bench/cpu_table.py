@@ -36,6 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FP32 = "{name: fp32, weight: {kind: fp32}, act: {kind: fp32}}"
 COMMANDS: list[str] = []  # every step of the table, as run (or as run earlier, when resumed)
+RENDER_ONLY = False  # --render: run nothing, write the table from the runs there are
+PENDING = "not run yet"
+README_START, README_END = "<!-- cpu_table: start -->", "<!-- cpu_table: end -->"
 
 
 @dataclass
@@ -116,6 +119,8 @@ def run_step(cmd: list[str], run_dir: Path, log_path: Path) -> str:
     COMMANDS.append(line.replace(f"{ROOT}/", ""))  # paths relative to the checkout
     if (run_dir / "metrics.json").exists():
         return ""
+    if RENDER_ONLY:
+        return PENDING
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     full = [sys.executable, *cmd, f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
@@ -315,6 +320,45 @@ def write_table(
     path.with_suffix(".md").write_text("\n".join(md))
 
 
+README_COLUMNS = [
+    ("row", "mode"), ("top1", "top-1 %"), ("delta", "vs base"), ("goal", "goal"), ("met", "met"),
+    ("packed_bytes", "packed bytes"), ("ort_int8_bs1", "ORT int8 bs=1"), ("status", "status"),
+]  # fmt: skip
+
+
+def readme_block(info: dict, base: dict, lines: list[dict], pending: list[Row]) -> str:
+    """The README's short form of the table: what a newcomer compares (the full table: the
+    .md beside the .csv), written between the README's markers by --readme."""
+    tta = base.get("test_acc_tta")
+    head = (
+        f"ResNet-20 on CIFAR-10 as supplied; base {base.get('test_acc', float('nan')):.2f}%"
+        + (f" ({tta:.2f}% with flip TTA)" if tta is not None else "")
+        + f" after {base.get('epochs')} epochs; {info['cpu']}, {info['cores']} cores,"
+        f" {info['date']}. Every row from the base with {_ft(lines)} finetune epochs (KD from"
+        " the base); ORT int8 bs=1: latency relative to ORT's fp32 base."
+    )
+    md = [README_START, head, "", "| " + " | ".join(t for _, t in README_COLUMNS) + " |"]
+    md += ["|" + "---|" * len(README_COLUMNS)]
+    md += ["| " + " | ".join(str(ln[k]) for k, _ in README_COLUMNS) + " |" for ln in lines]
+    md += [f"| {r.name} |" + " |" * (len(README_COLUMNS) - 2) + f" {PENDING} |" for r in pending]
+    return "\n".join([*md, README_END])
+
+
+def _ft(lines: list[dict]) -> str:
+    epochs = sorted({str(ln["finetune_epochs"]) for ln in lines if ln["finetune_epochs"]})
+    return "/".join(epochs) or "no"
+
+
+def write_readme(path: Path, block: str) -> bool:
+    """Replace what stands between the markers in `path`; False when it has none."""
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    before, rest = text.split(README_START, 1)
+    path.write_text(before + block + rest.split(README_END, 1)[1])
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "outputs" / "cpu_table")
@@ -327,7 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seeds", type=int, default=2, help="seeds of the 4- and 2-bit rows")
     ap.add_argument("--only", default="", help="comma-separated row keys")
+    ap.add_argument(
+        "--render", action="store_true", help="run nothing: the table of the runs there are"
+    )
+    ap.add_argument(
+        "--readme", type=Path, nargs="?", const=ROOT / "README.md", default=None,
+        help="also write the short table between the markers of this file (default README.md)",
+    )  # fmt: skip
     a = ap.parse_args(argv)
+    global RENDER_ONLY
+    RENDER_ONLY = a.render
     out, log = a.out.resolve(), a.out.resolve() / "table.log"
     out.mkdir(parents=True, exist_ok=True)
     common = ["model=resnet20", "schedule.progress=false", "device=cpu"]
@@ -346,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [r for r in todo if r.key in keys]
     base_dir = a.base.resolve() if a.base else out / "base"
     if not a.base and run_step(["train.py", *base_args], base_dir, log):
-        print(f"the base failed: see {log}")
+        print("no base run yet" if RENDER_ONLY else f"the base failed: see {log}")
         return 1
     base = metrics(base_dir)
     base_ckpt = base_dir / "best.pt"
@@ -358,11 +411,19 @@ def main(argv: list[str] | None = None) -> int:
             base_lat[fmt] = {b: m.get(f"latency_ms_bs{b}_fp32") for b in (1, 64)}
     info = machine()
     lines: list[dict] = []
+    pending: list[Row] = []
     for i, row in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {row.name}", flush=True)
         got = measure_row(row, base_ckpt, out, common, log)
+        if got.failed == PENDING and not got.runs:
+            pending.append(row)
+            continue
         lines.append(table_row(got, base, base_lat))
-        write_table(a.table, info, base, lines, COMMANDS, todo[i + 1 :])
+        write_table(a.table, info, base, lines, COMMANDS, [*pending, *todo[i + 1 :]])
+    if a.render:
+        write_table(a.table, info, base, lines, COMMANDS, pending)
+    if a.readme and not write_readme(a.readme, readme_block(info, base, lines, pending)):
+        print(f"{a.readme} has no {README_START} ... {README_END} markers: not written")
     failed = [ln["key"] for ln in lines if ln["status"] != "ok"]
     print(f"wrote {a.table} ({len(lines)} rows, {len(failed)} not ok: {', '.join(failed)})")
     return 0

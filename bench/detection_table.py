@@ -1,20 +1,22 @@
-"""The detection results table: SSDlite on cifar10_det, fp32 and every compression mode from it,
-on a CPU budget.
+"""The detection results table: a detector on cifar10_det, fp32 and every compression mode from
+it, on a CPU budget.
 
-    python bench/detection_table.py [--out DIR] [--epochs N] [--ft N] [--tiny] [--table PATH]
+    python bench/detection_table.py [--model ssdlite|fcos] [--out DIR] [--epochs N] [--ft N]
+                                    [--tiny] [--table PATH]
 
-1. the base: `train.py dataset=cifar10_det model=torchvision_det` (SSDlite320-MobileNet-v3,
-   reading 128 px canvases) for `--epochs`;
+1. the base: `train.py dataset=cifar10_det model=torchvision_det` (`--model ssdlite`:
+   SSDlite320-MobileNet-v3; `fcos`: FCOS on a MobileNet-v3 + 64-channel FPN, the FPN detector
+   at a CPU budget), reading 128 px canvases, for `--epochs`;
 2. from its last.pt, each with `--ft` finetune epochs: int8 QAT and LSQ W8A8 / W4A4 (inputs
    quantized at every layer), 30% of the MACs pruned by L1 + finetune; PTQ int8
    (`calibrate.py`, no finetune);
 3. each exported (`export.py` / `calibrate.py`: the core in ONNX Runtime, decoding and NMS in
-   Python): mAP in the runtime, file size, core latency at batch 1 against the base's fp32 in
-   the same runtime.
+   Python): mAP in the runtime, file size, core latency at batch 1 in ONNX Runtime and in
+   OpenVINO, each against the base's fp32 in the same runtime.
 
 Every step runs as a user would (the entry points, in subprocesses) and is skipped when its
 metrics.json exists, so the table resumes row by row; a failing step is a row that says so. The
-table (`--table`, default bench/results/cifar10_det_ssdlite.md and .csv) is rewritten after
+table (`--table`, default bench/results/cifar10_det_MODEL.md and .csv) is rewritten after
 every row from the runs' own metrics.json, with the machine, date, commit and commands.
 `--tiny`: 32 / 16 canvases at 64 px, one epoch, every row (a check that the script runs).
 """
@@ -34,6 +36,19 @@ from cpu_table import COMMANDS, machine, metrics, run_step  # noqa: E402
 INT8 = "{name: int8_qat, weight: {kind: int8}, act: {kind: int8, sites: inputs}}"
 LSQ = "{{name: w{b}a{b}l, weight: {{kind: lsq, bits: {b}}}, "
 LSQ += "act: {{kind: lsq, bits: {b}, sites: inputs}}}}"
+# the detector of each --model: its title, model args and base learning rate
+MODELS = {
+    "ssdlite": ("SSDlite", [], 0.02),
+    "fcos": (
+        "FCOS (MobileNet-v3 + 64-channel FPN)",
+        [
+            "model.name=fcos_resnet50_fpn",
+            "model.backbone=mobilenet_v3_large",
+            "model.fpn_channels=64",
+        ],
+        0.01,  # GroupNorm heads; torchvision's reference recipe uses 0.01 at batch 16
+    ),
+}
 # (key, name, how it is made from the base, goal: the largest mAP drop that meets it)
 ROWS = [
     ("fp32", "fp32 (the base)", "base", None),
@@ -45,21 +60,24 @@ ROWS = [
 ]
 
 
-def data_args(tiny: bool, out: Path) -> list[str]:
-    """cifar10_det as built by default (4000 / 1000 canvases), or a tiny one of its own."""
+def data_args(tiny: bool, out: Path, model: str = "ssdlite") -> list[str]:
+    """cifar10_det as built by default (4000 / 1000 canvases), or a tiny one of its own, and
+    the model's args."""
     n = ["dataset.num_train=32", "dataset.num_val=16", "dataset.image_size=64"] if tiny else []
     n += [f"dataset.build_dir={out / 'cifar10_det_tiny'}"] if tiny else []
-    return ["dataset=cifar10_det", "model=torchvision_det", *n]
+    return ["dataset=cifar10_det", "model=torchvision_det", *MODELS[model][1], *n]
 
 
 def make_row(key: str, how: str, out: Path, args: argparse.Namespace, log: Path) -> str:
     """Train / prune / calibrate row `key` into out/key and export it; '' or why it failed."""
-    common = data_args(args.tiny, out) + ["schedule.batch_size=16", "schedule.eval_batch_size=16"]
+    common = data_args(args.tiny, out, args.model)
+    common += ["schedule.batch_size=16", "schedule.eval_batch_size=16"]
     base = out / "fp32" / "last.pt"
     ft = [f"schedule.epochs={args.ft}", "schedule.lr=0.002", "schedule.lr_schedule=cosine"]
     run = out / key
     if how == "base":
-        base = [f"schedule.epochs={args.epochs}", "schedule.lr=0.02", "schedule.eval_every=4"]
+        lr = MODELS[args.model][2]
+        base = [f"schedule.epochs={args.epochs}", f"schedule.lr={lr}", "schedule.eval_every=4"]
         steps = [["train.py", *common, *base]]
     elif how == "prune":
         prune = ["prune.py", f"ckpt={base}", "pruner.importance=l1", "pruner.target=macs"]
@@ -74,14 +92,22 @@ def make_row(key: str, how: str, out: Path, args: argparse.Namespace, log: Path)
     for cmd in steps:
         if why := run_step(cmd, run, log):
             return why
-    return run_step(["export.py", f"ckpt={run / 'last.pt'}"], run / "export", log)
+    return export(run / "last.pt", run, log)
+
+
+def export(ckpt: Path, run: Path, log: Path) -> str:
+    """The checkpoint's core in ONNX Runtime (run/export) and in OpenVINO (run/export_ov)."""
+    if why := run_step(["export.py", f"ckpt={ckpt}"], run / "export", log):
+        return why
+    return run_step(["export.py", f"ckpt={ckpt}", "format=openvino"], run / "export_ov", log)
 
 
 def table_row(key: str, name: str, goal: float | None, out: Path, failed: str) -> dict:
     m = metrics(out / key)
     x = m if key == "ptq_int8" else metrics(out / key / "export")
+    ov = {} if key == "ptq_int8" else metrics(out / key / "export_ov")
     base = metrics(out / "fp32")
-    base_x = metrics(out / "fp32" / "export")
+    base_x, base_ov = metrics(out / "fp32" / "export"), metrics(out / "fp32" / "export_ov")
     row = {"key": key, "mode": name, "status": "failed: " + failed if failed else "ok"}
     if not m:
         return row
@@ -96,19 +122,21 @@ def table_row(key: str, name: str, goal: float | None, out: Path, failed: str) -
         "MACs": m.get("macs"),
         "file bytes": x.get("int8_bytes", x.get("onnx_bytes")),
         "ORT bs=1 ms": x.get("latency_ms_bs1_int8", x.get("latency_ms_bs1_fp32")),
+        "OV bs=1 ms": ov.get("latency_ms_bs1_int8", ov.get("latency_ms_bs1_fp32")),
     }
     if base.get("map") is not None and row["mAP"] is not None and key != "fp32":
         row["delta"] = round(row["mAP"] - base["map"], 2)
         row["met"] = "yes" if goal is not None and row["delta"] >= -goal else "no"
-    fp32_ms = base_x.get("latency_ms_bs1_fp32")
-    if fp32_ms and row["ORT bs=1 ms"]:
-        row["speed-up vs fp32"] = round(fp32_ms / row["ORT bs=1 ms"], 2)
+    for rt, ref in (("ORT", base_x), ("OV", base_ov)):
+        fp32_ms = ref.get("latency_ms_bs1_fp32")
+        if fp32_ms and row[f"{rt} bs=1 ms"]:
+            row[f"{rt} speed-up"] = round(fp32_ms / row[f"{rt} bs=1 ms"], 2)
     return row
 
 
 def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     cols = ["mode", "mAP", "mAP@.5", "mAP in ORT", "delta", "goal", "met", "params", "MACs"]
-    cols += ["file bytes", "ORT bs=1 ms", "speed-up vs fp32", "status"]
+    cols += ["file bytes", "ORT bs=1 ms", "ORT speed-up", "OV bs=1 ms", "OV speed-up", "status"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, ["key", *cols], extrasaction="ignore")
@@ -122,14 +150,16 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
         return "" if v is None else str(v)
 
     lines = [
-        "# SSDlite on cifar10_det: fp32 and every compression mode, on a CPU",
+        f"# {MODELS[args.model][0]} on cifar10_det: fp32 and every compression mode, on a CPU",
         "",
         f"{mach['cpu']}, {mach['cores']} cores ({mach['isa']}), torch {mach['torch']}, "
         f"{mach['date']}, commit {mach['commit']}; base {args.epochs} epochs, finetunes "
-        f"{args.ft}; written by bench/detection_table.py{' --tiny' if args.tiny else ''}.",
+        f"{args.ft}; written by bench/detection_table.py --model {args.model}"
+        f"{' --tiny' if args.tiny else ''}.",
         "mAP: COCO mAP@[.5:.95] in percent on the val canvases, in PyTorch (fake-quant for QAT) "
         "and in ONNX Runtime (the core exported, decoding and NMS in Python); latency: the core "
-        "at batch 1 in ORT.",
+        "at batch 1 in ORT and in OpenVINO (speed-up: against the base's fp32 core in the same "
+        "runtime; the PTQ row's file is ORT's own, not run in OpenVINO).",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
@@ -141,15 +171,18 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "outputs" / "det_table"))
+    ap.add_argument("--model", choices=sorted(MODELS), default="ssdlite")
+    ap.add_argument("--out", default=None, help="default: outputs/det_table[_MODEL]")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--ft", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--table", default=str(ROOT / "bench" / "results" / "cifar10_det_ssdlite"))
+    ap.add_argument("--table", default=None, help="default: bench/results/cifar10_det_MODEL")
     args = ap.parse_args(argv)
     if args.tiny:
         args.epochs, args.ft = 1, 1
-    out, table = Path(args.out), Path(args.table)
+    suffix = "" if args.model == "ssdlite" else f"_{args.model}"
+    out = Path(args.out or ROOT / "outputs" / f"det_table{suffix}")
+    table = Path(args.table or ROOT / "bench" / "results" / f"cifar10_det_{args.model}")
     out.mkdir(parents=True, exist_ok=True)
     log = out / "steps.log"
     done = []
@@ -157,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: {name}", flush=True)
         failed = make_row(key, how, out, args, log)
         if key == "fp32" and not failed:  # the base's fp32 file: every speed-up's reference
-            base = out / "fp32"
-            failed = run_step(["export.py", f"ckpt={base / 'last.pt'}"], base / "export", log)
+            failed = export(out / "fp32" / "last.pt", out / "fp32", log)
         done.append(table_row(key, name, goal, out, failed))
         write_table(done, table, args)
     print(json.dumps(done, indent=1))

@@ -98,3 +98,35 @@ def test_tiny_table_runs_every_kind_of_row_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert cpu_table.main(args) == 0  # every step done: nothing runs again
     assert "ok in" not in capsys.readouterr().out
+
+
+def test_render_writes_the_table_and_the_readme_block_from_the_runs_there_are(tmp_path):
+    """--render runs nothing: the rows with a metrics.json are rows, the others 'not run yet',
+    and --readme puts the short table between the README's markers, the rest untouched."""
+    out = tmp_path / "out"
+
+    def put(rel: str, m: dict) -> None:
+        (out / rel).mkdir(parents=True)
+        (out / rel / "metrics.json").write_text(json.dumps(m))
+
+    put("base", {"test_acc": 88.5, "test_acc_tta": 89.25, "epochs": 60, "params": 1, "macs": 2})
+    put("base_export_onnx", {"latency_ms_bs1_fp32": 2.0, "latency_ms_bs64_fp32": 40.0})
+    put("rows/fp32", {"test_acc": 88.75, "epochs": 2})
+    put("rows/ptq_minmax", {"test_acc_int8": 88.0, "latency_ms_bs1_int8": 1.0})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{cpu_table.README_START}\nold\n{cpu_table.README_END}\n\nafter\n")
+    table = tmp_path / "t.md"
+    argv = ["--render", "--out", str(out), "--table", str(table), "--readme", str(readme)]
+    assert cpu_table.main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\n" + cpu_table.README_START) and text.endswith("\n\nafter\n")
+    assert "old" not in text and "base 88.50% (89.25% with flip TTA) after 60 epochs" in text
+    assert "| fp32 finetune + KD (control) | 88.75 | +0.25 | >= base - 0.3 | yes |" in text
+    assert "| INT8 PTQ minmax (no finetune) | 88.00 | -0.50 | >= base - 0.3 | no |" in text
+    assert "| no |  | 0.50 | ok |" in text  # no packed file; half the fp32 base's ORT latency
+    assert text.count(cpu_table.PENDING) == len(cpu_table.rows(2, 2)) - 2
+    assert not (out / "table.log").exists() or "$ " not in (out / "table.log").read_text()
+    full = table.read_text()
+    assert full.count("not measured yet") == len(cpu_table.rows(2, 2)) - 2
+    with open(table.with_suffix(".csv")) as f:
+        assert [r["key"] for r in csv.DictReader(f)] == ["fp32", "ptq_minmax"]

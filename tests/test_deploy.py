@@ -115,6 +115,63 @@ def test_ptq_int8_agrees_with_fp32(exported, tmp_path, method):
     assert qdq["int8_weights"] == qdq["per_channel_weights"] == 20
 
 
+class _SharedHeadFloat(nn.Module):
+    """One conv + GroupNorm head and one prediction conv applied to five levels (an FPN
+    detector's shared head: the smallest case found on which quantize_static refuses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.downs = nn.ModuleList(nn.Conv2d(32, 32, 3, stride=2, padding=1) for _ in range(4))
+        self.head = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(32, 32), nn.ReLU())
+        self.out = nn.Conv2d(32, 4, 3, padding=1)
+
+    def forward(self, x):
+        levels = [torch.relu(self.stem(x))]
+        for down in self.downs:
+            levels.append(down(levels[-1]))
+        return torch.cat([self.out(self.head(f)).flatten(1) for f in levels], 1)
+
+
+def test_a_weight_shared_by_several_nodes_is_untied_for_static_int8(tmp_path):
+    """ORT's quantize_static refuses initializers shared by several nodes here; untied (one copy
+    per use: the convs' weights and biases, GroupNorm's constants) the model computes the same
+    and calibrates, every conv call with int8 weights of its own."""
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    from compress.deploy.ptq import untie_shared_weights
+
+    torch.manual_seed(0)
+    model = _SharedHeadFloat().eval()
+    path = export_onnx(model, tmp_path / "m.onnx", (3, 32, 32))
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": x}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with pytest.raises(ValueError, match="shared mode is not supported for weight"):
+        quantize_static(str(path), str(tmp_path / "refused.onnx"), Reader())
+    untied = tmp_path / "untied.onnx"
+    copies = untie_shared_weights(path, untied)
+    assert copies >= 4 * 4  # head and out: weight and bias for their 2nd to 5th calls, at least
+    names = [i.name for i in onnx.load(str(untied)).graph.initializer]
+    assert "head.0.weight__use2" in names and len(names) == len(set(names))
+    want = session(path).run(None, {"input": x})[0]
+    assert np.array_equal(session(untied).run(None, {"input": x})[0], want)
+    assert untie_shared_weights(untied, tmp_path / "again.onnx") == 0  # nothing shared left
+    q = quantize_int8(path, tmp_path / "int8.onnx", Reader())
+    # stem, 4 downs, head and out once a level (15 convs) and GroupNorm's scale once a level
+    assert qdq_summary(q)["int8_weights"] == 20
+    got = session(q).run(None, {"input": x})[0]
+    assert abs(got - want).max() < 0.1 * abs(want).max()
+
+
 @pytest.mark.slow  # heavy: tens of seconds on 2 cores (make test-slow)
 def test_calibrate_entry_writes_int8_model_and_metrics(entry, trained, tmp_path):
     code, out, err = entry(

@@ -138,6 +138,9 @@ def quantize_int8(
             with _quiet():
                 quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
             src = pre
+        untied = Path(tmp) / "untied.onnx"
+        if untie_shared_weights(src, untied):
+            src = untied
         cache = None
         if method == "entropy":  # ranges computed here: quantize_static cannot set the bins
             cache = _entropy_ranges(src, reader, Path(tmp))
@@ -157,6 +160,38 @@ def quantize_int8(
                 calibration_providers=["CPUExecutionProvider"],
             )
     return out_path
+
+
+def untie_shared_weights(src: Path, dst: Path) -> int:
+    """Give each node its own copy of a float initializer it shares with other nodes (an FPN
+    detector's head convs, run once per level, and the GroupNorm constants of its towers),
+    written to `dst`: ORT's static quantization refuses a shared one ("Quantization parameter
+    shared mode is not supported for weight yet"). Each copy gets its own int8 scales, which
+    are the same numbers. Returns the number of copies made (0: nothing shared, `dst` not
+    written)."""
+    onnx = require("onnx")
+    model = onnx.load(str(src))
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    inits = {i.name: i for i in model.graph.initializer if i.data_type in floats}
+    uses = Counter(i for n in model.graph.node for i in n.input if i in inits)
+    seen: Counter[str] = Counter()
+    copies = []
+    for node in model.graph.node:
+        for k, name in enumerate(node.input):
+            if name not in inits or uses[name] < 2:
+                continue
+            seen[name] += 1
+            if seen[name] == 1:  # the first user keeps the original
+                continue
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = f"{name}__use{seen[name]}"
+            copies.append(copy)
+            node.input[k] = copy.name
+    if copies:
+        model.graph.initializer.extend(copies)
+        onnx.save(model, str(dst))
+    return len(copies)
 
 
 def _entropy_ranges(model: Path, reader: Any, tmp: Path) -> Path:
