@@ -266,7 +266,11 @@ def table_row(got: Measured, base: dict, base_lat: dict[str, dict]) -> dict:
         e = got.exports.get(fmt, {})
         src = m if r.kind == "ptq" and fmt == "onnx" else e  # calibrate.py times ORT itself
         for b in (1, 64):
-            ms, base_ms = src.get(f"latency_ms_bs{b}_int8"), base_lat.get(fmt, {}).get(b)
+            # against the fp32 file timed in the same run where it has the base's architecture
+            # (quantized and PTQ rows: both under the same machine load), else the base's file
+            ms = src.get(f"latency_ms_bs{b}_int8")
+            own = src.get(f"latency_ms_bs{b}_fp32") if r.kind != "pipeline" else None
+            base_ms = own or base_lat.get(fmt, {}).get(b)
             out[f"{short}_int8_bs{b}"] = _f(ms / base_ms, 2) if ms and base_ms else ""
         if e.get("failed") and not got.failed:
             out["status"] = f"{fmt} export {e['failed']}"

@@ -130,3 +130,15 @@ def test_render_writes_the_table_and_the_readme_block_from_the_runs_there_are(tm
     assert full.count("not measured yet") == len(cpu_table.rows(2, 2)) - 2
     with open(table.with_suffix(".csv")) as f:
         assert [r["key"] for r in csv.DictReader(f)] == ["fp32", "ptq_minmax"]
+
+
+def test_latency_is_against_the_fp32_file_timed_in_the_same_run_where_it_is_the_bases():
+    """A quantized row's export times its own fp32 twin (the base's architecture) beside its
+    int8 file, under the same machine load: the ratio uses that; a pruned row's twin is the
+    pruned model, so its ratio is against the base's own fp32 file."""
+    onnx = {"latency_ms_bs1_int8": 0.5, "latency_ms_bs1_fp32": 2.0}
+    base_lat = {"onnx": {1: 1.0, 64: 10.0}}
+    got = cpu_table.Measured(_row("w4a4l"), runs=[{"test_acc": 90.0}], exports={"onnx": onnx})
+    assert cpu_table.table_row(got, {"test_acc": 91.0}, base_lat)["ort_int8_bs1"] == "0.25"
+    got = cpu_table.Measured(_row("l1_50_w4a4l"), runs=[{"test_acc": 90.0}], exports={"onnx": onnx})
+    assert cpu_table.table_row(got, {"test_acc": 91.0}, base_lat)["ort_int8_bs1"] == "0.50"
