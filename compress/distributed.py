@@ -64,6 +64,14 @@ class Dist:
         tdist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every process's `obj` (picklable), in rank order, on every process."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        tdist.all_gather_object(out, obj)
+        return out
+
     def broadcast_buffers(self, module: nn.Module, src: int = 0) -> None:
         """Copy rank `src`'s buffers (BN running statistics) to every process."""
         if self.enabled:

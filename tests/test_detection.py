@@ -4,6 +4,8 @@ COCO mAP, and the core (backbone, neck, heads) is one traceable module."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.fx as fx
@@ -644,3 +646,111 @@ def test_a_custom_model_that_is_no_detector_is_one_line_on_detection_data(det_da
     model = {"source": "custom", "target": "compress.models.resnet.resnet20"}
     with pytest.raises(ConfigError, match="built a .*, and dataset=cifar10_det trains detectors"):
         train.run(_det_run_cfg(det_data, model=model), tmp_path)
+
+
+def test_detection_loaders_shard_like_tensor_loaders(det_data):
+    """torchrun: the two ranks' training batches are the halves (positions 0, 2, ... and 1, 3,
+    ... of each 2 x 4-image step) of the one-process run's 8-image steps, with the same crops
+    and flips; evaluation splits the val images between the ranks, none read twice."""
+    one, one_test = det_data.loaders(8, 8, seed=3)
+    ranks = [det_data.loaders(4, 4, seed=3, shard=(r, 2)) for r in range(2)]
+    for loader in (one, *(t for t, _ in ranks)):
+        loader.set_epoch(1)
+    assert len(ranks[0][0]) == len(ranks[1][0]) == len(one) == 2
+    for (images, targets), *halves in zip(one, *(t for t, _ in ranks), strict=True):
+        for r, (im, tg) in enumerate(halves):
+            assert [t["image_id"] for t in tg] == [t["image_id"] for t in targets[r::2]]
+            assert all(torch.equal(a, b) for a, b in zip(im, images[r::2], strict=True))
+    ids = [[t["image_id"] for _, tg in test for t in tg] for _, test in ranks]
+    assert sorted(ids[0] + ids[1]) == sorted(t["image_id"] for _, tg in one_test for t in tg)
+    assert not set(ids[0]) & set(ids[1])
+
+
+class _Oracle(torch.nn.Module):
+    """Detects exactly the ground truth of the images in `ids`, nothing in the others (what
+    it is shown: `told`)."""
+
+    def __init__(self, ids: set) -> None:
+        super().__init__()
+        self.ids, self.targets = ids, []
+
+    def forward(self, images):
+        none = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}
+        return [
+            {"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"])), "labels": t["labels"]}
+            if t["image_id"] in self.ids
+            else {**none, "labels": none["labels"].long()}
+            for t in self.targets
+        ]
+
+    def told(self, loader):
+        for images, targets in loader:
+            self.targets = targets
+            yield images, targets
+
+
+def _det_worker(rank: int, world: int, port: int, run_dir: str, data_cfg: dict) -> None:
+    from compress.detection.data import load_detection_data
+    from compress.distributed import init_from_env
+    from compress.engine import TrainConfig, fit
+    from compress.models import create_model
+    from tests.test_distributed import torchrun_env
+
+    torchrun_env(rank, world, port)
+    torch.set_num_threads(1)
+    dist = init_from_env("cpu")
+    try:
+        torch.manual_seed(0)
+        model = create_model(
+            "ssdlite320_mobilenet_v3_large", source="torchvision_det", num_classes=11, image_size=64
+        )
+        data = load_detection_data(data_cfg)
+        cfg = TrainConfig(epochs=1, batch_size=4, lr=0.01, progress=False)
+        summary = fit(model, data, cfg, run_dir, torch.device("cpu"), dist=dist,
+                      task=DetectionTask())  # fmt: skip
+        # rank 0's images detected perfectly, rank 1's not at all: the mAP of both halves
+        _, test = data.loaders(4, 4, shard=dist.shard)
+        ids = {t["image_id"] for _, tg in test for t in tg} if rank == 0 else set()
+        oracle = _Oracle(ids)
+        summary["oracle"] = DetectionTask().evaluate(oracle, oracle.told(test), dist=dist)
+        torch.save(summary, Path(run_dir).parent / f"summary{rank}.pt")
+    finally:
+        dist.shutdown()
+
+
+@pytest.mark.slow  # two processes training SSDlite for an epoch: about 15 s
+def test_a_detector_trains_under_torchrun_and_its_map_is_over_all_ranks(det_data, tmp_path):
+    """2 gloo processes x 4 images: DDP trains the detector, each rank detects on half the
+    val set, and the gathered mAP every rank reports is the one-process mAP of the saved
+    model on the whole val set."""
+    import socket
+
+    from compress.checkpoint import load_checkpoint
+    from compress.spec import model_from_checkpoint
+
+    root = det_data.train.root
+    data_cfg = {"name": "cifar10_det", "root": str(root), "build_dir": str(root)}
+    data_cfg |= {"num_train": 16, "num_val": 8, "image_size": 64}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp" / "run"
+    run.mkdir(parents=True)
+    torch.multiprocessing.spawn(
+        _det_worker, args=(2, port, str(run), data_cfg), nprocs=2, join=True
+    )
+    ranks = [torch.load(tmp_path / "ddp" / f"summary{r}.pt") for r in range(2)]
+    assert ranks[0]["history"] == ranks[1]["history"]  # gathered: every rank agrees
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "last.pt"]  # rank 0 writes
+    state = load_checkpoint(run / "last.pt")
+    assert state["world_size"] == 2
+    _, test = det_data.loaders(4, 8)
+    alone = DetectionTask().evaluate(model_from_checkpoint(state), test)
+    assert ranks[0]["test_map"] == pytest.approx(alone["map"], abs=1e-9)
+    assert ranks[0]["test_map50"] == pytest.approx(alone["map50"], abs=1e-9)
+    # the gathered mAP is over both ranks' images: half detected perfectly, half not at all
+    _, half = det_data.loaders(4, 4, shard=(0, 2))
+    oracle = _Oracle({t["image_id"] for _, tg in half for t in tg})
+    want = DetectionTask().evaluate(oracle, oracle.told(test))["map"]
+    assert 20.0 < want < 80.0
+    assert ranks[0]["oracle"]["map"] == ranks[1]["oracle"]["map"] == pytest.approx(want, abs=1e-9)

@@ -56,11 +56,10 @@ class DetectionData:
         shard: tuple[int, int] | None = None,
         workers: int = 0,
     ) -> tuple[DetectionLoader, DetectionLoader]:
-        """The engine's (train, test) loaders (compress.engine.make_loaders' streaming form)."""
-        if shard is not None and shard[1] > 1:
-            raise ConfigError("detectors train in one process for now: run without torchrun")
-        train = DetectionLoader(self.train, batch_size, device, True, seed, workers)
-        test = DetectionLoader(self.test, eval_batch_size, device, False, seed, workers)
+        """The engine's (train, test) loaders (compress.engine.make_loaders' streaming form);
+        `shard=(rank, world)`: this rank's part of each (torchrun)."""
+        train = DetectionLoader(self.train, batch_size, device, True, seed, workers, shard)
+        test = DetectionLoader(self.test, eval_batch_size, device, False, seed, workers, shard)
         return train, test
 
 
@@ -68,7 +67,12 @@ class DetectionLoader:
     """(images, targets) batches on `device`, as lists (the sizes and box counts differ), with
     TensorLoader's interface: the order of epoch k and each image's augmentation depend only on
     (seed, k, index), and `set_epoch(k, start)` resumes inside an epoch without reading the
-    batches before `start`. Training drops a last partial batch (unless it is the only one)."""
+    batches before `start`. Training drops a last partial batch (unless it is the only one).
+
+    `shard=(rank, world)` (torchrun): as TensorLoader shards, each training step's
+    `batch_size * world` images of the one permutation every rank draws are split rank, rank +
+    world, ... (the images no rank reads, n % world, dropped); evaluation reads images rank,
+    rank + world, ... Augmentation follows the image's index, so it is the same on any world."""
 
     def __init__(
         self,
@@ -78,29 +82,41 @@ class DetectionLoader:
         train: bool = False,
         seed: int = 0,
         workers: int = 0,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} is invalid: expected a positive integer")
         self.split, self.batch_size, self.train, self.seed = split, batch_size, train, seed
         self.device, self.workers = torch.device(device), workers
+        self.shard = (0, 1) if shard is None else (int(shard[0]), int(shard[1]))
         self.epoch, self.start = 0, 0
+
+    def _samples(self) -> int:
+        """How many images this rank reads per epoch."""
+        rank, world = self.shard
+        n = len(self.split)
+        return n // world if self.train else len(range(rank, n, world))
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        n, b = len(self.split), self.batch_size
+        n, b = self._samples(), self.batch_size
         return n // b if self.train and n >= b else -(-n // b)
 
     def __iter__(self) -> Iterator[Batch]:
         base_seed = self.seed * 100003 + self.epoch
         order = EpochSampler(len(self.split), self.train, self.seed, self.epoch).indices()
+        rank, world = self.shard
+        # a step's batch_size * world images start at a multiple of world: position rank,
+        # rank + world, ... of each step is position rank, rank + world, ... of the epoch
+        order = order[: self._samples() * world][rank::world] if self.train else order[rank::world]
         loader = torch.utils.data.DataLoader(
             SeededSamples(self.split, base_seed) if self.train else self.split,
             batch_size=self.batch_size,
             sampler=order[self.start * self.batch_size :].tolist(),
             num_workers=self.workers,
-            drop_last=self.train and len(self.split) >= self.batch_size,
+            drop_last=self.train and self._samples() >= self.batch_size,
             collate_fn=collate,
             worker_init_fn=leave_stop_signals,
             generator=torch.Generator().manual_seed(base_seed),

@@ -48,22 +48,28 @@ class DetectionTask:
         dist: Dist | None = None,
         tta: bool = False,
     ) -> dict[str, float]:
-        """COCO mAP@[.5:.95] (`map`), mAP@.5 (`map50`) and per-size AP, in percent."""
+        """COCO mAP@[.5:.95] (`map`), mAP@.5 (`map50`) and per-size AP, in percent. Under
+        torchrun (`dist`) each rank detects on its part of the val set and every rank computes
+        the mAP of all ranks' detections (gathered), so all agree on it."""
         if tta:
             raise ConfigError("schedule.tta=true is for classifiers: a detector has no flip TTA")
-        if dist is not None and dist.enabled:
-            raise ConfigError(
-                "detectors train in one process for now: their mAP over torchrun ranks is not "
-                "gathered; run without torchrun"
-            )
         was = model.training
         model.eval()
         metric = DetectionMAP()
         device = getattr(loader, "device", torch.device("cpu"))
+        mine: list[tuple[list[dict], list[dict]]] = []
         for images, targets in loader:
             with autocast(device, precision):
                 preds = model(images)
-            metric.update(preds, [_plain(t) for t in targets])
+            pair = ([_cpu(p) for p in preds], [_cpu(_plain(t)) for t in targets])
+            if dist is not None and dist.enabled:
+                mine.append(pair)
+            else:
+                metric.update(*pair)
+        if dist is not None and dist.enabled:
+            for pairs in dist.all_gather_object(mine):
+                for preds, targets in pairs:
+                    metric.update(preds, targets)
         model.train(was)
         return metric.compute()
 
@@ -77,6 +83,10 @@ class DetectionTask:
         """The traceable compute of `model`: images (a normalized, resized batch tensor) in,
         the heads' raw outputs out."""
         return core_of(model)
+
+
+def _cpu(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
 
 def _plain(target: dict[str, Any]) -> dict[str, Any]:
