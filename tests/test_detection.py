@@ -754,3 +754,31 @@ def test_a_detector_trains_under_torchrun_and_its_map_is_over_all_ranks(det_data
     want = DetectionTask().evaluate(oracle, oracle.told(test))["map"]
     assert 20.0 < want < 80.0
     assert ranks[0]["oracle"]["map"] == ranks[1]["oracle"]["map"] == pytest.approx(want, abs=1e-9)
+
+
+@pytest.mark.slow  # five stages on 16 canvases: about 40 s on 2 cores
+def test_a_detector_runs_as_a_pipeline_train_prune_finetune_quantize_fuse(det_data, tmp_path):
+    """schedule.stages on a detection data set: each stage reads the last one's checkpoint
+    and reports mAP; the pruned detector stays thin through QAT and fusion."""
+    from compress.pipeline import run_pipeline
+
+    cfg = _det_run_cfg(det_data)
+    cfg["schedule"]["epochs"] = 1
+    cfg["pruner"] = {"importance": "l1", "percent": 0.3}
+    quant = {"name": "int8_qat", "weight": {"kind": "int8"}}
+    quant["act"] = {"kind": "int8", "sites": "inputs"}
+    cfg["schedule"]["stages"] = [
+        "train",
+        "prune",
+        {"stage": "finetune", "epochs": 1},
+        {"stage": "quantize", "epochs": 1, "quant": quant},
+        "fuse",
+    ]
+    m = run_pipeline(cfg, tmp_path)
+    stages = {s["kind"]: s for s in m["stages"]}
+    assert list(stages) == ["train", "prune", "finetune", "quantize", "fuse"]
+    assert all("map" in s and "test_acc" not in s for s in stages.values())
+    assert stages["prune"]["params"] < 0.8 * stages["train"]["params"]
+    assert stages["quantize"]["params"] == stages["prune"]["params"]  # thin through QAT
+    assert stages["quantize"]["quant"] == "int8_qat" and m["bn_after"] == 0
+    assert m["map"] == pytest.approx(stages["quantize"]["map"], abs=1e-6)  # fusion keeps it
