@@ -422,7 +422,7 @@ def make_loaders(
     seed: int,
     *,
     crop_padding: int,
-    flip: bool,
+    flip: bool | str,
     shard: tuple[int, int] | None,
 ) -> tuple[TensorLoader, TensorLoader]:
     """(train, test) loaders; `shard=(rank, world_size)`: this rank's part of both (None: all)."""
@@ -609,7 +609,7 @@ def fit(
     extra_state: dict[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
     crop_padding: int = 4,
-    flip: bool = True,
+    flip: bool | str = True,
     writer: Any = None,
     dist: Dist | None = None,
     loss_fn: LossFn | None = None,

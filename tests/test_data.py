@@ -73,6 +73,44 @@ def test_loader_normalizes_batches_and_orders_by_epoch_seed():
     assert [len(y) for _, y in test] == [4, 4, 2]
 
 
+def _mirrored(loader: TensorLoader, epochs: int) -> dict[tuple[int, int], bool]:
+    """(epoch, image) -> whether the image came mirrored (its label is its index; the images
+    are 1 x 2 pixels, the left one lit)."""
+    seen: dict[tuple[int, int], bool] = {}
+    for e in range(epochs):
+        loader.set_epoch(e)
+        for x, y in loader:
+            for xi, yi in zip(x, y, strict=True):
+                seen[e, int(yi)] = bool(xi[0, 0, 1] > xi[0, 0, 0])
+    return seen
+
+
+def test_alternate_flips_mirror_each_image_every_other_epoch_from_a_seeded_coin():
+    """dataset.flip=alternate (airbench's derandomized flips): each image is mirrored on
+    every other epoch, about half of them from epoch 0, the same on any world size; random
+    flips repeat an image's orientation in consecutive epochs about half the time."""
+    n = 64
+    images = torch.zeros(n, 1, 1, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = 255
+    split = Split(images, torch.arange(n))
+
+    def loader(flip, **kw):
+        return TensorLoader(split, 8, (0.0,), (1.0,), train=True, flip=flip, seed=1, **kw)
+
+    alt = _mirrored(loader("alternate"), 4)
+    assert len(alt) == 4 * n
+    assert all(alt[e, i] != alt[e + 1, i] for e in range(3) for i in range(n))
+    assert 16 < sum(alt[0, i] for i in range(n)) < 48  # a coin per image, not one for all
+    ranks = [_mirrored(loader("alternate", shard=(r, 2)), 4) for r in range(2)]
+    assert {**ranks[0], **ranks[1]} == alt  # sharded: the same images mirrored the same
+    rnd = _mirrored(loader(True), 4)
+    repeats = sum(rnd[e, i] == rnd[e + 1, i] for e in range(3) for i in range(n))
+    assert 0.3 < repeats / (3 * n) < 0.7
+    assert not any(_mirrored(loader(False), 1).values())
+    with pytest.raises(ConfigError, match="flip=yes is invalid: expected true, false or alt"):
+        loader("yes")
+
+
 def test_cifar10_missing_without_download_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"cifar-10-batches-py not found; set dataset.root"):
         load_dataset("cifar10", root=tmp_path)

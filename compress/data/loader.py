@@ -12,7 +12,20 @@ from collections.abc import Iterator
 import torch
 
 from compress.data.datasets import Split
-from compress.errors import check
+from compress.errors import ConfigError, check
+
+
+FLIP_MODES = (True, False, "alternate")
+
+
+def check_flip(value: object, where: str = "dataset.flip") -> bool | str:
+    """`dataset.flip` as the loaders take it: true (a random horizontal flip per image and
+    epoch), false, or alternate (airbench's derandomized flips: each image flipped on every
+    other epoch, starting from a seeded coin per image, so an image and its mirror image are
+    seen equally often)."""
+    if value in ("alternate",) or isinstance(value, bool):
+        return value  # type: ignore[return-value]
+    raise ConfigError(f"{where}={value} is invalid: expected true, false or alternate")
 
 
 def crop_flip_params(
@@ -84,7 +97,7 @@ class TensorLoader:
         device: torch.device | str = "cpu",
         train: bool = False,
         crop_padding: int = 0,
-        flip: bool = False,
+        flip: bool | str = False,
         seed: int = 0,
         channels_last: bool = False,
         shard: tuple[int, int] | None = None,
@@ -100,7 +113,7 @@ class TensorLoader:
         if self.device.type == "cuda":  # uint8 data set on the GPU once, not copied per epoch
             split = Split(split.images.to(self.device), split.labels.to(self.device))
         self.split, self.batch_size, self.train = split, batch_size, train
-        self.crop_padding, self.flip, self.seed = crop_padding, flip, seed
+        self.crop_padding, self.flip, self.seed = crop_padding, check_flip(flip, "flip"), seed
         self.channels_last, self.shard = channels_last, shard
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1) * 255
@@ -141,11 +154,18 @@ class TensorLoader:
             order = torch.randperm(n, generator=g)[: self._samples() * world]
         # one step's images over all ranks; this rank's are positions rank, rank + world, ...
         step = self.batch_size * (world if self.train else 1)
+        alternate = self.flip == "alternate"
+        if alternate and self.train:  # a seeded coin per image, inverted on odd epochs
+            coin = torch.rand(n, generator=torch.Generator().manual_seed(self.seed * 7919 + 1))
+            flipped = (coin < 0.5) ^ bool(self.epoch % 2)
         for i in range(len(self)):
             chunk = order[i * step : (i + 1) * step]
             params = None
             if self.train:  # drawn for the whole global batch: identical on every rank
-                params = crop_flip_params(len(chunk), self.crop_padding, self.flip, g)
+                random = self.flip is True
+                params = crop_flip_params(len(chunk), self.crop_padding, random, g)
+                if alternate:
+                    params = (*params[:2], flipped[chunk])
                 chunk = chunk[rank::world]
             if i < self.start:
                 continue

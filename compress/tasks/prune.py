@@ -18,6 +18,7 @@ from compress.checkpoint import load_checkpoint, save_checkpoint
 from compress.cli import write_json
 from compress.config import PrunerConfig, TrainSettings, defaults, validate_pruner
 from compress.data import TensorLoader
+from compress.data.loader import check_flip
 from compress.errors import ConfigError
 from compress.prune import Reference, build_importance, channel_graph, select_channels, thin
 from compress.prune.pruner import needs_bn
@@ -45,7 +46,7 @@ class TrainBatches:
         self.seed = int(cfg.get("seed", 0))
         dataset = cfg.get("dataset") or {}
         self.crop_padding = int(dataset.get("crop_padding", 4))
-        self.flip = bool(dataset.get("flip", True))
+        self.flip = check_flip(dataset.get("flip", True))
         self._loader: Any = None
 
     def loader(self) -> Any:

@@ -25,6 +25,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from compress.checkpoint import load_checkpoint
 from compress.cli import write_json
 from compress.config import validate_distill
+from compress.data.loader import check_flip
 from compress.detection.data import check_is_detector, check_model_fits_data
 from compress.distill import Distiller, cross_entropy_loss
 from compress.distributed import Dist, check_resume_world, init_from_env
@@ -201,7 +202,7 @@ def _run(
             extra_state=extra,
             callbacks=[*hooks, *(callbacks or [])],
             crop_padding=int(cfg["dataset"].get("crop_padding", 4)),
-            flip=bool(cfg["dataset"].get("flip", True)),
+            flip=check_flip(cfg["dataset"].get("flip", True)),
             writer=writer,
             dist=dist,
             task=task,
