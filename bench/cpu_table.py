@@ -330,7 +330,7 @@ README_COLUMNS = [
 ]  # fmt: skip
 
 
-def readme_block(info: dict, base: dict, lines: list[dict], pending: list[Row]) -> str:
+def readme_block(info: dict, base: dict, lines: list[dict], pending: list[Row], ft: int) -> str:
     """The README's short form of the table: what a newcomer compares (the full table: the
     .md beside the .csv), written between the README's markers by --readme."""
     tta = base.get("test_acc_tta")
@@ -338,19 +338,14 @@ def readme_block(info: dict, base: dict, lines: list[dict], pending: list[Row]) 
         f"ResNet-20 on CIFAR-10 as supplied; base {base.get('test_acc', float('nan')):.2f}%"
         + (f" ({tta:.2f}% with flip TTA)" if tta is not None else "")
         + f" after {base.get('epochs')} epochs; {info['cpu']}, {info['cores']} cores,"
-        f" {info['date']}. Every row from the base with {_ft(lines)} finetune epochs (KD from"
-        " the base); ORT int8 bs=1: latency relative to ORT's fp32 base."
+        f" {info['date']}. Every row from the base with at most {ft} finetune epochs (KD"
+        " from the base); ORT int8 bs=1: int8 latency relative to fp32 in ONNX Runtime."
     )
     md = [README_START, head, "", "| " + " | ".join(t for _, t in README_COLUMNS) + " |"]
     md += ["|" + "---|" * len(README_COLUMNS)]
     md += ["| " + " | ".join(str(ln[k]) for k, _ in README_COLUMNS) + " |" for ln in lines]
     md += [f"| {r.name} |" + " |" * (len(README_COLUMNS) - 2) + f" {PENDING} |" for r in pending]
     return "\n".join([*md, README_END])
-
-
-def _ft(lines: list[dict]) -> str:
-    epochs = sorted({str(ln["finetune_epochs"]) for ln in lines if ln["finetune_epochs"]})
-    return "/".join(epochs) or "no"
 
 
 def write_readme(path: Path, block: str) -> bool:
@@ -426,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         write_table(a.table, info, base, lines, COMMANDS, [*pending, *todo[i + 1 :]])
     if a.render:
         write_table(a.table, info, base, lines, COMMANDS, pending)
-    if a.readme and not write_readme(a.readme, readme_block(info, base, lines, pending)):
+    block = readme_block(info, base, lines, pending, 1 if a.tiny else a.ft)
+    if a.readme and not write_readme(a.readme, block):
         print(f"{a.readme} has no {README_START} ... {README_END} markers: not written")
     failed = [ln["key"] for ln in lines if ln["status"] != "ok"]
     print(f"wrote {a.table} ({len(lines)} rows, {len(failed)} not ok: {', '.join(failed)})")

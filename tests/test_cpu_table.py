@@ -117,10 +117,12 @@ def test_render_writes_the_table_and_the_readme_block_from_the_runs_there_are(tm
     readme.write_text(f"# x\n\n{cpu_table.README_START}\nold\n{cpu_table.README_END}\n\nafter\n")
     table = tmp_path / "t.md"
     argv = ["--render", "--out", str(out), "--table", str(table), "--readme", str(readme)]
+    argv += ["--ft", "2"]
     assert cpu_table.main(argv) == 0
     text = readme.read_text()
     assert text.startswith("# x\n\n" + cpu_table.README_START) and text.endswith("\n\nafter\n")
     assert "old" not in text and "base 88.50% (89.25% with flip TTA) after 60 epochs" in text
+    assert "at most 2 finetune epochs" in text
     assert "| fp32 finetune + KD (control) | 88.75 | +0.25 | >= base - 0.3 | yes |" in text
     assert "| INT8 PTQ minmax (no finetune) | 88.00 | -0.50 | >= base - 0.3 | no |" in text
     assert "| no |  | 0.50 | ok |" in text  # no packed file; half the fp32 base's ORT latency
