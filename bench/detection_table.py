@@ -127,8 +127,11 @@ def table_row(key: str, name: str, goal: float | None, out: Path, failed: str) -
     if base.get("map") is not None and row["mAP"] is not None and key != "fp32":
         row["delta"] = round(row["mAP"] - base["map"], 2)
         row["met"] = "yes" if goal is not None and row["delta"] >= -goal else "no"
-    for rt, ref in (("ORT", base_x), ("OV", base_ov)):
-        fp32_ms = ref.get("latency_ms_bs1_fp32")
+    for rt, ref, src in (("ORT", base_x, x), ("OV", base_ov, ov)):
+        # against the fp32 core timed in the same run where it is the base's (QAT and PTQ
+        # rows: the same machine load), else the base's own file
+        own = src.get("latency_ms_bs1_fp32") if key not in ("fp32", "pruned30") else None
+        fp32_ms = own or ref.get("latency_ms_bs1_fp32")
         if fp32_ms and row[f"{rt} bs=1 ms"]:
             row[f"{rt} speed-up"] = round(fp32_ms / row[f"{rt} bs=1 ms"], 2)
     return row
@@ -158,8 +161,9 @@ def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
         f"{' --tiny' if args.tiny else ''}.",
         "mAP: COCO mAP@[.5:.95] in percent on the val canvases, in PyTorch (fake-quant for QAT) "
         "and in ONNX Runtime (the core exported, decoding and NMS in Python); latency: the core "
-        "at batch 1 in ORT and in OpenVINO (speed-up: against the base's fp32 core in the same "
-        "runtime; the PTQ row's file is ORT's own, not run in OpenVINO).",
+        "at batch 1 in ORT and in OpenVINO (speed-up: against the fp32 core in the same runtime, "
+        "timed in the same run for the QAT and PTQ rows, the base's for the others; the PTQ "
+        "row's file is ORT's own, not run in OpenVINO).",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
