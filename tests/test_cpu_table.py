@@ -87,7 +87,7 @@ def test_tiny_table_runs_every_kind_of_row_and_resumes(tmp_path, capsys):
     args = ["--tiny", "--out", str(tmp_path / "out"), "--table", str(table)]
     assert cpu_table.main(args) == 0
     rows = list(csv.DictReader(table.with_suffix(".csv").read_text().splitlines()))
-    assert [r["key"] for r in rows] == ["fp32", "w4a4l", "ptq_minmax", "l1_30"]
+    assert [r["key"] for r in rows] == ["fp32", "ptq_minmax", "w4a4l", "l1_30"]
     assert all(r["status"] == "ok" and r["top1"] for r in rows), rows
     by = {r["key"]: r for r in rows}
     assert int(by["l1_30"]["macs"]) < int(by["fp32"]["macs"])  # the pruned row is pruned
