@@ -52,6 +52,15 @@ def test_a_row_reads_its_runs_and_its_goal():
     assert (line["params"], line["finetune_epochs"], line["wall_min"]) == (110, 5, "2.0")
     got.runs[1]["test_acc"] = 89.9
     assert cpu_table.table_row(got, base, {})["met"] == "no"
+    assert line["finding"] == "" and cpu_table.table_row(got, base, {})["finding"] == ""
+
+
+def test_a_missed_goal_carries_what_was_found_about_it():
+    got = cpu_table.Measured(_row("ptq_entropy"), runs=[{"test_acc_int8": 84.0}])
+    line = cpu_table.table_row(got, {"test_acc": 88.3}, {})
+    assert line["met"] == "no" and line["finding"].startswith("cause not found")
+    got.runs = [{"test_acc_int8": 88.2}]
+    assert cpu_table.table_row(got, {"test_acc": 88.3}, {})["finding"] == ""  # met: none
 
 
 def test_a_failed_row_is_a_row_that_says_why():
