@@ -283,6 +283,8 @@ def table_row(got: Measured, base: dict, base_lat: dict[str, dict]) -> dict:
             out[f"{short}_int8_bs{b}"] = _f(ms / base_ms, 2) if ms and base_ms else ""
         if e.get("failed") and not got.failed:
             out["status"] = f"{fmt} export {e['failed']}"
+    if got.pack.get("failed") and not got.failed:
+        out["status"] = f"pack {got.pack['failed']}"
     return out
 
 

@@ -73,6 +73,7 @@ from compress.prune import apply_widths_
 from compress.prune.graph import PruneError
 from compress.quant import quantize_
 from compress.quant.api import applied_label, quant_label
+from compress.quant.int8 import W_QMAX, int8_weight_codes
 from compress.quant.lsq import TINY, weight_bounds
 from compress.quant.modules import QConv2d, QLinear
 from compress.spec import (
@@ -88,7 +89,7 @@ FORMAT = "compress-packed/1"
 VERSION = 2
 WHAT = "packed checkpoint"
 EXPECTED = "expected a packed checkpoint (the packed.pt that pack.py writes)"
-KINDS = ("binary", "ternary", "dorefa", "lsq")
+KINDS = ("binary", "ternary", "dorefa", "lsq", "int8")
 _BISECT_SPAN = 1 << 12  # how far (in float32 units in the last place) the sum is searched
 _BISECT_STEPS = 16
 _DOREFA_TINY = 1e-12  # DoReFa's clamp of max|tanh(w)|
@@ -152,6 +153,9 @@ def dequantize(entry: dict[str, Any]) -> torch.Tensor:
         level = (codes - weight_bounds(bits)[0]).float()
         step = entry["scale"].float().clamp_min(TINY)
         return (level * _per_channel(step, level.dim())).to(dtype)
+    if kind == "int8":  # as int8_weight: codes times the per-channel scale in fp32
+        level = (codes - W_QMAX).float()
+        return (level * _per_channel(entry["scale"].float(), level.dim())).to(dtype)
     if kind == "binary":
         level = (2 * codes - 1).to(dtype)
     elif kind == "ternary":
@@ -181,6 +185,9 @@ def pack_layer(layer: nn.Module, name: str = "layer") -> dict[str, Any]:
     elif kind == "lsq":
         codes = wq.codes(layer.weight).to(torch.int64) + wq.qn
         scale = wq.step.detach().float().clone()
+    elif kind == "int8":  # [-127, 127] stored as 0 .. 254
+        int8_codes, scale = int8_weight_codes(layer.weight)
+        codes = int8_codes.to(torch.int64) + W_QMAX
     else:
         raise ValueError(f"{name}: weight quantizer {kind!r} cannot be packed")
     if kind in ("binary", "ternary") and wq.scaled:
@@ -260,10 +267,31 @@ def _fit_scaled(quant: nn.Module, target: torch.Tensor) -> torch.Tensor:
     return w
 
 
+def _fit_int8(target: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Latent weights that INT8 QAT's quantizer (scale = max |w| / 127 per channel) maps to
+    `target` = codes * scale exactly: the codes' values, with each channel's +-127 entries at
+    the float m nearest 127 * scale for which m / 127 rounds back to the scale."""
+    c = target.shape[0]
+    want = scale.float().reshape(c, 1)
+    m = want * W_QMAX
+    for _ in range(8):  # at most a few float steps away
+        off = m / W_QMAX
+        if bool((off == want).all()):
+            break
+        m = torch.where(off < want, torch.nextafter(m, m + 1), m)
+        m = torch.where(off > want, torch.nextafter(m, m - 1), m)
+    w = target.clone().reshape(c, -1)
+    top = w.abs() == (want * W_QMAX)  # the +-127 codes
+    w = torch.where(top, torch.sign(w) * m, w)
+    return w.reshape(target.shape).to(target.dtype)
+
+
 def latent_weight(entry: dict[str, Any], quant: nn.Module) -> torch.Tensor:
     """Latent weights that `quant` (the layer's weight quantizer) maps to the entry's values."""
     target = dequantize(entry)
     kind = entry["kind"]
+    if kind == "int8":
+        return _fit_int8(target, entry["scale"])
     if kind == "dorefa":
         top = target.abs().max()
         if top == 1:

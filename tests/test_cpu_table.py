@@ -55,6 +55,16 @@ def test_a_row_reads_its_runs_and_its_goal():
     assert line["finding"] == "" and cpu_table.table_row(got, base, {})["finding"] == ""
 
 
+def test_a_failed_pack_or_export_is_the_rows_status():
+    got = cpu_table.Measured(_row("int8_qat"), runs=[{"test_acc": 88.5}])
+    got.pack = {"failed": "exit 1: ValueError: cannot be packed"}
+    line = cpu_table.table_row(got, {"test_acc": 88.3}, {})
+    assert line["status"] == "pack exit 1: ValueError: cannot be packed" and line["top1"] == "88.50"
+    got.pack, got.exports = {}, {"openvino": {"failed": "exit 2: boom"}}
+    line = cpu_table.table_row(got, {"test_acc": 88.3}, {})
+    assert line["status"] == "openvino export exit 2: boom"
+
+
 def test_a_missed_goal_carries_what_was_found_about_it():
     got = cpu_table.Measured(_row("ptq_entropy"), runs=[{"test_acc_int8": 84.0}])
     line = cpu_table.table_row(got, {"test_acc": 88.3}, {})

@@ -96,6 +96,7 @@ KINDS = [
     pytest.param({"kind": "ternary", "scale": False, "gap": 0.5}, id="ternary-unscaled"),
     *[pytest.param({"kind": "dorefa", "bits": k}, id=f"dorefa{k}") for k in range(2, 9)],
     *[pytest.param({"kind": "lsq", "bits": k}, id=f"lsq{k}") for k in (2, 3, 4, 8)],
+    pytest.param({"kind": "int8"}, id="int8"),  # INT8 QAT: per-channel scales of the weight
 ]
 
 
@@ -104,7 +105,7 @@ def test_resnet20_round_trip_is_bit_identical(weight):
     model = quantized("resnet20", weight, {"kind": "dorefa", "bits": 4})
     state = pack_model(model)
     for entry in state["packed"].values():
-        bits = weight.get("bits", {"binary": 1, "ternary": 2}.get(weight["kind"]))
+        bits = weight.get("bits", {"binary": 1, "ternary": 2, "int8": 8}.get(weight["kind"]))
         assert entry["bits"] == bits and entry["codes"].dtype == torch.uint8
         assert entry["codes"].numel() == math.ceil(math.prod(entry["shape"]) * bits / 8)
         assert (entry["scale"] is not None) == weight.get("scale", weight["kind"] != "dorefa")
