@@ -61,6 +61,8 @@ class Row:
 FINDINGS = {
     "ptq_entropy": "cause not found: ORT's entropy ranges clip more than minmax / percentile; a "
     "KL search matched to each tensor's uint8 levels (tried, not kept) scored no better",
+    "w4a4l": "still rising at its last finetune epoch in both seeds (the runs' history): the "
+    "2-epoch budget that keeps the table in 3 h is the first suspect; --ft 5 is the next check",
 }
 
 
