@@ -52,7 +52,8 @@ def test_a_row_reads_its_runs_and_its_goal():
     assert (line["params"], line["finetune_epochs"], line["wall_min"]) == (110, 5, "2.0")
     got.runs[1]["test_acc"] = 89.9
     assert cpu_table.table_row(got, base, {})["met"] == "no"
-    assert line["finding"] == "" and cpu_table.table_row(got, base, {})["finding"] == ""
+    missed = cpu_table.table_row(got, base, {})["finding"]
+    assert line["finding"] == "" and missed == cpu_table.FINDINGS["w4a4l"]  # only when missed
 
 
 def test_a_failed_pack_or_export_is_the_rows_status():
