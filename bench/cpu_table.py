@@ -63,6 +63,8 @@ FINDINGS = {
     "KL search matched to each tensor's uint8 levels (tried, not kept) scored no better",
     "w4a4l": "still rising at its last finetune epoch in both seeds (the runs' history): the "
     "2-epoch budget that keeps the table in 3 h is the first suspect; --ft 5 is the next check",
+    "w3a3l": "still rising at its last finetune epoch (the run's history), by more than W4A4: "
+    "the 2-epoch budget is the first suspect; --ft 5 is the next check",
 }
 
 
