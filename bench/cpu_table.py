@@ -65,6 +65,8 @@ FINDINGS = {
     "2-epoch budget that keeps the table in 3 h is the first suspect; --ft 5 is the next check",
     "w3a3l": "still rising at its last finetune epoch (the run's history), by more than W4A4: "
     "the 2-epoch budget is the first suspect; --ft 5 is the next check",
+    "w2a2l": "still rising steeply at its last finetune epoch in both seeds (the runs' history): "
+    "2 epochs are far too few for 2 bits from an fp32 base; --ft 5 is the next check",
 }
 
 
