@@ -121,6 +121,7 @@ def table_row(key: str, name: str, goal: float | None, out: Path, failed: str) -
         "params": m.get("params"),
         "MACs": m.get("macs"),
         "file bytes": x.get("int8_bytes", x.get("onnx_bytes")),
+        "same detections in ORT": _share(x),
         "ORT bs=1 ms": x.get("latency_ms_bs1_int8", x.get("latency_ms_bs1_fp32")),
         "OV bs=1 ms": ov.get("latency_ms_bs1_int8", ov.get("latency_ms_bs1_fp32")),
     }
@@ -137,9 +138,16 @@ def table_row(key: str, name: str, goal: float | None, out: Path, failed: str) -
     return row
 
 
+def _share(export: dict) -> str:
+    """Val images whose ORT detections match PyTorch's (export.py's check), as 'k / n'."""
+    n, k = export.get("images"), export.get("images_same_detections")
+    return f"{k} / {n}" if n and k is not None else ""
+
+
 def write_table(rows: list[dict], path: Path, args: argparse.Namespace) -> None:
     cols = ["mode", "mAP", "mAP@.5", "mAP in ORT", "delta", "goal", "met", "params", "MACs"]
-    cols += ["file bytes", "ORT bs=1 ms", "ORT speed-up", "OV bs=1 ms", "OV speed-up", "status"]
+    cols += ["same detections in ORT", "file bytes", "ORT bs=1 ms", "ORT speed-up"]
+    cols += ["OV bs=1 ms", "OV speed-up", "status"]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, ["key", *cols], extrasaction="ignore")
