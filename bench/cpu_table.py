@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -245,7 +246,7 @@ def acc_of(m: dict) -> float | None:
 COLUMNS = [
     "key", "row", "top1", "spread", "seeds", "delta", "goal", "met", "published", "params",
     "macs", "packed_bytes", "ort_int8_bs1", "ort_int8_bs64", "ov_int8_bs1", "ov_int8_bs64",
-    "finetune_epochs", "wall_min", "status", "finding",
+    "finetune_epochs", "wall_min", "status", "finding", "measured",
 ]  # fmt: skip
 
 
@@ -276,6 +277,7 @@ def table_row(got: Measured, base: dict, base_lat: dict[str, dict]) -> dict:
         "wall_min": _f(got.wall_s / 60, 1) if got.wall_s else "",
         "status": got.failed or "ok",
         "finding": FINDINGS.get(r.key, "") if met == "no" else "",
+        "measured": "",  # the date and commit, filled in by the run that measured it
     }
     for fmt, short in (("onnx", "ort"), ("openvino", "ov")):
         e = got.exports.get(fmt, {})
@@ -306,8 +308,60 @@ def _f(v: float | None, digits: int = 2, signed: bool = False) -> str:
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
+@dataclass
+class Kept:
+    """The rows of an earlier run of the table that this run does not measure (its run folders
+    gone, or left out by --only): kept from the earlier .csv, with their commands, when that
+    table's base had the same top-1 (the base recipe is deterministic on a machine)."""
+
+    lines: dict[str, dict] = field(default_factory=dict)  # key -> the CSV row
+    commands: dict[str, list[str]] = field(default_factory=dict)  # key -> its lines as run
+    note: str = ""  # the table's sentence about them, before the keys
+
+
+BASE_LINE = re.compile(r"^Base: ([0-9.]+)% top-1")
+MADE_LINE = re.compile(r"^Machine: .*; (\S+), commit (\S+)\. Written by")
+
+
+def kept_rows(table: Path, base_acc: float | None, keys: list[str]) -> Kept:
+    """The rows of the table at `table` (.csv and .md) to keep: none when it is missing, or its
+    base's top-1 differs from `base_acc` (2 decimals: as printed) or cannot be read."""
+    csv_path, md_path = table.with_suffix(".csv"), table.with_suffix(".md")
+    if base_acc is None or not (csv_path.exists() and md_path.exists()):
+        return Kept()
+    md = md_path.read_text().splitlines()
+    found = [m for m in map(BASE_LINE.match, md) if m]
+    if not found or found[0].group(1) != f"{base_acc:.2f}":
+        was = found[0].group(1) + "%" if found else "unreadable"
+        print(f"{table}: its base ({was}) is not this base ({base_acc:.2f}%): no rows kept")
+        return Kept()
+    with open(csv_path, newline="") as f:
+        lines = {r["key"]: r for r in csv.DictReader(f) if r.get("key") in keys}
+    made = next((m for m in map(MADE_LINE.match, md) if m), None)
+    when = f"{made.group(1)} {made.group(2)}" if made else ""  # tables older than the column
+    lines = {k: {c: r.get(c) or "" for c in COLUMNS} for k, r in lines.items()}
+    for r in lines.values():
+        r["measured"] = r["measured"] or when
+    commands = {
+        k: [ln for ln in md if f"/rows/{k} " in ln + " " or f"/rows/{k}/" in ln
+            or f"/rows/{k}_seed" in ln]
+        for k in lines
+    }  # fmt: skip
+    note = (
+        f"Rows measured by an earlier run of this table from a base of the same top-1"
+        f" ({base_acc:.2f}%), kept from its .csv (their date and commit: measured)"
+    )
+    return Kept(lines, commands, note)
+
+
 def write_table(
-    path: Path, info: dict, base: dict, lines: list[dict], commands: list[str], pending: list[Row]
+    path: Path,
+    info: dict,
+    base: dict,
+    lines: list[dict],
+    commands: list[str],
+    pending: list[Row],
+    note: str = "",
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".csv"), "w", newline="") as f:
@@ -331,12 +385,13 @@ def write_table(
         " same runtime's fp32 base (below 1 is faster). Top-1 of rows with several seeds is"
         " the mean, spread is max - min.",
         "",
+        *([note, ""] if note else []),
         "| " + " | ".join(COLUMNS[1:]) + " |",
         "|" + "---|" * (len(COLUMNS) - 1),
     ]
     md += ["| " + " | ".join(str(ln[c]) for c in COLUMNS[1:]) + " |" for ln in lines]
-    blank = [""] * (len(COLUMNS) - 4)  # every column but key, row, status and finding
-    md += ["| " + " | ".join([r.name, *blank, "not measured yet", ""]) + " |" for r in pending]
+    blank = [""] * (len(COLUMNS) - 5)  # every column but key, row, status, finding, measured
+    md += ["| " + " | ".join([r.name, *blank, "not measured yet", "", ""]) + " |" for r in pending]
     md += ["", "Commands:", ""]
     md += ["```bash", *commands, "```", ""]
     path.with_suffix(".md").write_text("\n".join(md))
@@ -406,14 +461,13 @@ def main(argv: list[str] | None = None) -> int:
         data = ["dataset=synthetic", "dataset.num_train=256", "dataset.num_test=64"]
         common += [*data, "schedule.batch_size=64"]
         base_args = [*base_args, *data, "model.channels=[4,4,4,4,4,4,4,4,4]", "schedule.epochs=1"]
-        todo = tiny_rows()
+        every = tiny_rows()
     else:
-        todo = rows(a.ft, a.seeds)
+        every = rows(a.ft, a.seeds)
     if a.base_epochs:
         base_args.append(f"schedule.epochs={a.base_epochs}")
-    if a.only:
-        keys = set(a.only.split(","))
-        todo = [r for r in todo if r.key in keys]
+    keys = set(a.only.split(",")) if a.only else {r.key for r in every}
+    todo = [r for r in every if r.key in keys]
     base_dir = a.base.resolve() if a.base else out / "base"
     if not a.base and run_step(["train.py", *base_args], base_dir, log):
         print("no base run yet" if RENDER_ONLY else f"the base failed: see {log}")
@@ -427,18 +481,36 @@ def main(argv: list[str] | None = None) -> int:
             m = metrics(d)
             base_lat[fmt] = {b: m.get(f"latency_ms_bs{b}_fp32") for b in (1, 64)}
     info = machine()
-    lines: list[dict] = []
-    pending: list[Row] = []
+    kept = kept_rows(a.table, acc_of(base), [r.key for r in every])  # read before rewriting
+    measured: dict[str, dict] = {}
+
+    def table() -> tuple[list[dict], list[Row], list[str], str]:
+        """Every row in order: measured here, else kept from the earlier table, else pending."""
+        lines, pending, commands, old = [], [], list(COMMANDS), []
+        for r in every:
+            if r.key in measured:
+                lines.append(measured[r.key])
+            elif r.key in kept.lines:
+                lines.append(kept.lines[r.key])
+                commands += [c for c in kept.commands[r.key] if c not in commands]
+                old.append(r.key)
+            else:
+                pending.append(r)
+        note = f"{kept.note}: {', '.join(old)}." if old else ""
+        return lines, pending, commands, note
+
     for i, row in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {row.name}", flush=True)
         got = measure_row(row, base_ckpt, out, common, log)
         if got.failed == PENDING and not got.runs:
-            pending.append(row)
             continue
-        lines.append(table_row(got, base, base_lat))
-        write_table(a.table, info, base, lines, COMMANDS, [*pending, *todo[i + 1 :]])
-    if a.render:
-        write_table(a.table, info, base, lines, COMMANDS, pending)
+        when = f"{info['date']} {info['commit']}"
+        measured[row.key] = {**table_row(got, base, base_lat), "measured": when}
+        lines, pending, commands, note = table()
+        write_table(a.table, info, base, lines, commands, pending, note)
+    lines, pending, commands, note = table()
+    if a.render or not measured:
+        write_table(a.table, info, base, lines, commands, pending, note)
     block = readme_block(info, base, lines, pending, 1 if a.tiny else a.ft)
     if a.readme and not write_readme(a.readme, block):
         print(f"{a.readme} has no {README_START} ... {README_END} markers: not written")

@@ -164,3 +164,41 @@ def test_latency_is_against_the_fp32_file_timed_in_the_same_run_where_it_is_the_
     assert cpu_table.table_row(got, {"test_acc": 91.0}, base_lat)["ort_int8_bs1"] == "0.25"
     got = cpu_table.Measured(_row("l1_50_w4a4l"), runs=[{"test_acc": 90.0}], exports={"onnx": onnx})
     assert cpu_table.table_row(got, {"test_acc": 91.0}, base_lat)["ort_int8_bs1"] == "0.50"
+
+
+def test_rows_of_an_earlier_table_are_kept_only_from_a_base_of_the_same_top1(tmp_path):
+    """Run folders lost (a new machine) or left out by --only: the earlier .csv's rows stay,
+    with their commands and the date and commit that measured them, when the earlier base
+    scored the same; a row measured now replaces its kept line; another base keeps none."""
+    out, table = tmp_path / "out", tmp_path / "t.md"
+
+    def put(rel: str, m: dict) -> None:
+        (out / rel).mkdir(parents=True, exist_ok=True)
+        (out / rel / "metrics.json").write_text(json.dumps(m))
+
+    def keys_and_top1() -> dict[str, str]:
+        with open(table.with_suffix(".csv")) as f:
+            return {r["key"]: r["top1"] for r in csv.DictReader(f)}
+
+    put("base", {"test_acc": 88.5, "epochs": 60, "params": 1, "macs": 2})
+    put("rows/fp32", {"test_acc": 88.75, "epochs": 2})
+    put("rows/ptq_minmax", {"test_acc_int8": 88.0})
+    argv = ["--render", "--out", str(out), "--table", str(table), "--ft", "2"]
+    assert cpu_table.main(argv) == 0
+    first = table.read_text()
+    assert "Rows measured by an earlier run" not in first
+    (out / "rows/fp32/metrics.json").unlink()  # its folder is gone
+    put("rows/ptq_minmax", {"test_acc_int8": 87.0})  # measured again: the new number
+    put("rows/int8_qat", {"test_acc": 88.25, "epochs": 2})
+    assert cpu_table.main([*argv, "--only", "ptq_minmax,int8_qat"]) == 0
+    assert keys_and_top1() == {"fp32": "88.75", "ptq_minmax": "87.00", "int8_qat": "88.25"}
+    text = table.read_text()
+    assert "kept from its .csv (their date and commit: measured): fp32." in text
+    assert text.count(f"hydra.run.dir={out / 'rows/fp32'}\n") == 1  # its command, once
+    with open(table.with_suffix(".csv")) as f:
+        when = {r["key"]: r["measured"] for r in csv.DictReader(f)}
+    assert when["fp32"] == when["int8_qat"] != ""  # the kept row carries its own
+    put("base", {"test_acc": 90.0, "epochs": 60, "params": 1, "macs": 2})  # another base
+    assert cpu_table.main(argv) == 0
+    assert keys_and_top1() == {"ptq_minmax": "87.00", "int8_qat": "88.25"}
+    assert "Rows measured by an earlier run" not in table.read_text()
