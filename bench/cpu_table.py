@@ -61,14 +61,24 @@ class Row:
 # in words; every number in the table still comes from the runs)
 FINDINGS = {
     "ptq_entropy": "cause not found: ORT's entropy ranges clip more than minmax / percentile; "
-    "tried, not kept, neither scored better: a KL search matched to each tensor's uint8 levels "
-    "(83.80%), and the logits kept at their full min / max range (84.16%)",
+    "tried, not kept, neither scored better: a KL search matched to each tensor's uint8 levels, "
+    "and the logits kept at their full min / max range",
     "w4a4l": "still rising at its last finetune epoch in both seeds (the runs' history): the "
     "2-epoch budget that keeps the table in 3 h is the first suspect; --ft 5 is the next check",
     "w3a3l": "still rising at its last finetune epoch (the run's history), by more than W4A4: "
     "the 2-epoch budget is the first suspect; --ft 5 is the next check",
     "w2a2l": "still rising steeply at its last finetune epoch in both seeds (the runs' history): "
     "2 epochs are far too few for 2 bits from an fp32 base; --ft 5 is the next check",
+    "l1_50_w4a4l": "one fp32 finetune epoch after pruning, then one LSQ W4A4 epoch (its "
+    "trajectory): each half of the 2-epoch budget is shorter than what the L1 50% and the LSQ "
+    "W4A4 rows got alone, and both of those missed their goals already",
+    **dict.fromkeys(
+        ("w8a8", "w4a4", "w2a2"),
+        "DoReFa clips activations to [0, 1] (the seed's formula) and the fp32 base's ReLU "
+        "outputs are not scaled for it (many exceed 1): the finetune starts from a network "
+        "whose activations are cut (its trajectory); PACT and LSQ learn the clip "
+        "instead, and a DoReFa row trains from scratch in the seed's recipes",
+    ),
 }
 
 
@@ -247,7 +257,7 @@ def acc_of(m: dict) -> float | None:
 COLUMNS = [
     "key", "row", "top1", "spread", "seeds", "delta", "goal", "met", "published", "params",
     "macs", "packed_bytes", "ort_int8_bs1", "ort_int8_bs64", "ov_int8_bs1", "ov_int8_bs64",
-    "finetune_epochs", "wall_min", "status", "finding", "measured",
+    "finetune_epochs", "trajectory", "wall_min", "status", "finding", "measured",
 ]  # fmt: skip
 
 
@@ -275,6 +285,7 @@ def table_row(got: Measured, base: dict, base_lat: dict[str, dict]) -> dict:
         "macs": shape.get("macs", ""),
         "packed_bytes": got.pack.get("size_bytes_packed_file", ""),
         "finetune_epochs": _epochs(m) if r.kind != "ptq" else 0,
+        "trajectory": trajectory(m),
         "wall_min": _f(got.wall_s / 60, 1) if got.wall_s else "",
         "status": got.failed or "ok",
         "finding": FINDINGS.get(r.key, "") if met == "no" else "",
@@ -295,6 +306,16 @@ def table_row(got: Measured, base: dict, base_lat: dict[str, dict]) -> dict:
     if got.pack.get("failed") and not got.failed:
         out["status"] = f"pack {got.pack['failed']}"
     return out
+
+
+def trajectory(m: dict) -> str:
+    """How a run got to its top-1 (the first seed's): the test top-1 after each finetune epoch,
+    or after each stage of a pipeline, so a row still rising at its end says so itself."""
+    if m.get("stages"):
+        got = [(s.get("kind", s.get("stage")), s.get("test_acc")) for s in m["stages"]]
+        return "by stage: " + ", ".join(f"{k} {a:.2f}" for k, a in got if a is not None)
+    accs = [h["test_acc"] for h in m.get("history", []) if h.get("test_acc") is not None]
+    return "by epoch: " + ", ".join(f"{a:.2f}" for a in accs) if accs else ""
 
 
 def _epochs(m: dict) -> int | str:

@@ -202,3 +202,16 @@ def test_rows_of_an_earlier_table_are_kept_only_from_a_base_of_the_same_top1(tmp
     assert cpu_table.main(argv) == 0
     assert keys_and_top1() == {"ptq_minmax": "87.00", "int8_qat": "88.25"}
     assert "Rows measured by an earlier run" not in table.read_text()
+
+
+def test_the_trajectory_shows_a_row_still_rising_at_its_end():
+    """The test top-1 after each finetune epoch (first seed), or after each pipeline stage."""
+    history = [{"epoch": 1, "test_acc": 45.84}, {"epoch": 2, "test_acc": None}, {"test_acc": 61.5}]
+    got = cpu_table.Measured(_row("w8a8"), runs=[{"test_acc": 61.5, "history": history}])
+    line = cpu_table.table_row(got, {"test_acc": 88.3}, {})
+    assert line["trajectory"] == "by epoch: 45.84, 61.50"
+    stages = [{"kind": "prune", "test_acc": 13.8}, {"kind": "finetune", "test_acc": 83.2}]
+    got = cpu_table.Measured(_row("l1_50"), runs=[{"test_acc": 83.2, "stages": stages}])
+    line = cpu_table.table_row(got, {"test_acc": 88.3}, {})
+    assert line["trajectory"] == "by stage: prune 13.80, finetune 83.20"
+    assert cpu_table.table_row(cpu_table.Measured(_row("ptq_minmax")), {}, {})["trajectory"] == ""
