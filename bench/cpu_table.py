@@ -77,6 +77,17 @@ FINDINGS = {
     "l1_50_w4a4l": "one fp32 finetune epoch after pruning, then one LSQ W4A4 epoch (its "
     "trajectory): each half of the 2-epoch budget is shorter than what the L1 50% and the LSQ "
     "W4A4 rows got alone, and both of those missed their goals already",
+    "wba32": "still rising at its last finetune epoch (its trajectory): the 2-epoch budget is the "
+    "first suspect; --ft 5 is the next check",
+    **dict.fromkeys(
+        ("l1_30", "l1_50"),
+        "L1 pruning to a MACs target takes the network near chance before the finetune (the prune "
+        "stage of the pruned 50% + W4A4 row's trajectory), and 2 finetune epochs recover it only "
+        "part way: the budget is the first suspect (the literature retrains for tens of epochs); "
+        "--ft 5 is the next check",
+    ),
+    "slim_50": "one sparse finetune epoch before pruning and one after: the L1 rows' budget "
+    "problem, with half the epochs for each part; --ft 5 is the next check",
     **dict.fromkeys(("w4a4", "w2a2"), DOREFA),
     "w8a8": f"{DOREFA}. No int8 latency: DoReFa's 8-bit weight levels (2i - 255) / 255 need 9 "
     "bits (export.py refuses)",
@@ -365,6 +376,8 @@ def kept_rows(table: Path, base_acc: float | None, keys: list[str]) -> Kept:
     lines = {k: {c: r.get(c) or "" for c in COLUMNS} for k, r in lines.items()}
     for r in lines.values():
         r["measured"] = r["measured"] or when
+        if r["met"] == "no":  # what is known about it now, not what was known then
+            r["finding"] = FINDINGS.get(r["key"], r["finding"])
     commands = {
         k: [ln for ln in md if f"/rows/{k} " in ln + " " or f"/rows/{k}/" in ln
             or f"/rows/{k}_seed" in ln]

@@ -198,6 +198,16 @@ def test_rows_of_an_earlier_table_are_kept_only_from_a_base_of_the_same_top1(tmp
     with open(table.with_suffix(".csv")) as f:
         when = {r["key"]: r["measured"] for r in csv.DictReader(f)}
     assert when["fp32"] == when["int8_qat"] != ""  # the kept row carries its own
+    put("rows/ptq_entropy", {"test_acc_int8": 84.0})  # a missed goal, then its folder gone
+    assert cpu_table.main(argv) == 0
+    (out / "rows/ptq_entropy/metrics.json").unlink()
+    old = cpu_table.FINDINGS["ptq_entropy"]
+    text = table.with_suffix(".csv").read_text()
+    table.with_suffix(".csv").write_text(text.replace(old, "what was known then"))
+    assert cpu_table.main(argv) == 0
+    with open(table.with_suffix(".csv")) as f:
+        kept = next(r for r in csv.DictReader(f) if r["key"] == "ptq_entropy")
+    assert kept["top1"] == "84.00" and kept["finding"] == old  # the words known now
     put("base", {"test_acc": 90.0, "epochs": 60, "params": 1, "macs": 2})  # another base
     assert cpu_table.main(argv) == 0
     assert keys_and_top1() == {"ptq_minmax": "87.00", "int8_qat": "88.25"}
