@@ -447,14 +447,20 @@ def readme_block(info: dict, base: dict, lines: list[dict], pending: list[Row], 
         f"ResNet-20 on CIFAR-10 as supplied; base {base.get('test_acc', float('nan')):.2f}%"
         + (f" ({tta:.2f}% with flip TTA)" if tta is not None else "")
         + f" after {base.get('epochs')} epochs; {info['cpu']}, {info['cores']} cores,"
-        f" {info['date']}. Every row from the base with at most {ft} finetune epochs (KD"
-        " from the base); ORT int8 bs=1: int8 latency relative to fp32 in ONNX Runtime."
+        f" {_dates(lines, info['date'])}. Every row from the base with at most {ft} finetune"
+        " epochs (KD from the base); ORT int8 bs=1: int8 latency relative to fp32 in ONNX Runtime."
     )
     md = [README_START, head, "", "| " + " | ".join(t for _, t in README_COLUMNS) + " |"]
     md += ["|" + "---|" * len(README_COLUMNS)]
     md += ["| " + " | ".join(str(ln[k]) for k, _ in README_COLUMNS) + " |" for ln in lines]
     md += [f"| {r.name} |" + " |" * (len(README_COLUMNS) - 2) + f" {PENDING} |" for r in pending]
     return "\n".join([*md, README_END])
+
+
+def _dates(lines: list[dict], today: str) -> str:
+    """The day the rows were measured, or the first and last of them (rows kept from earlier)."""
+    days = sorted({ln["measured"].split()[0] for ln in lines if ln.get("measured")} or {today})
+    return days[0] if len(days) == 1 else f"rows measured {days[0]} to {days[-1]}"
 
 
 def write_readme(path: Path, block: str) -> bool:

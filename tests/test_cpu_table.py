@@ -194,6 +194,11 @@ def test_rows_of_an_earlier_table_are_kept_only_from_a_base_of_the_same_top1(tmp
     assert keys_and_top1() == {"fp32": "88.75", "ptq_minmax": "87.00", "int8_qat": "88.25"}
     text = table.read_text()
     assert "kept from its .csv (their date and commit: measured): fp32." in text
+    block = cpu_table.readme_block({"cpu": "c", "cores": "2", "date": "2026-12-09"}, {}, [
+        {"measured": "2026-12-05 abc", **dict.fromkeys(k for k, _ in cpu_table.README_COLUMNS)},
+        {"measured": "2026-12-08 def", **dict.fromkeys(k for k, _ in cpu_table.README_COLUMNS)},
+    ], [], 2)  # fmt: skip
+    assert "2 cores, rows measured 2026-12-05 to 2026-12-08." in block
     assert text.count(f"hydra.run.dir={out / 'rows/fp32'}\n") == 1  # its command, once
     with open(table.with_suffix(".csv")) as f:
         when = {r["key"]: r["measured"] for r in csv.DictReader(f)}
