@@ -531,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         lines, pending, commands, old = [], [], list(COMMANDS), []
         for r in every:
             if r.key in measured:
-                lines.append(measured[r.key])
+                line, was = measured[r.key], kept.lines.get(r.key)
+                same = was and all(str(was[c]) == str(line[c]) for c in COLUMNS[:-1])
+                lines.append({**line, "measured": was["measured"]} if same else line)
             elif r.key in kept.lines:
                 lines.append(kept.lines[r.key])
                 commands += [c for c in kept.commands[r.key] if c not in commands]

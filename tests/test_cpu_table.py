@@ -203,6 +203,12 @@ def test_rows_of_an_earlier_table_are_kept_only_from_a_base_of_the_same_top1(tmp
     with open(table.with_suffix(".csv")) as f:
         when = {r["key"]: r["measured"] for r in csv.DictReader(f)}
     assert when["fp32"] == when["int8_qat"] != ""  # the kept row carries its own
+    table.with_suffix(".csv").write_text(
+        table.with_suffix(".csv").read_text().replace(when["int8_qat"], "2026-01-01 0abc")
+    )
+    assert cpu_table.main(argv) == 0  # measured again, the same numbers: the first date stays
+    with open(table.with_suffix(".csv")) as f:
+        assert {r["key"]: r["measured"] for r in csv.DictReader(f)}["int8_qat"] == "2026-01-01 0abc"
     put("rows/ptq_entropy", {"test_acc_int8": 84.0})  # a missed goal, then its folder gone
     assert cpu_table.main(argv) == 0
     (out / "rows/ptq_entropy/metrics.json").unlink()
