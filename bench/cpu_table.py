@@ -133,7 +133,7 @@ def rows(ft: int, seeds: int) -> list[Row]:
         q("w8a8", "DoReFa W8A8", 0.3, ""),  # 9-bit weight levels: no int8 export (export.py)
         q("w4a4", "DoReFa W4A4", 0.7, "90.5", seeds),
         q("w2a2", "DoReFa W2A2", 3.0, "88.2", seeds),
-        q("w8a8p", "PACT W8A8", 0.3, "", integer=True),
+        q("w8a8p", "PACT W8A8", 0.3, ""),  # DoReFa 8-bit weights: no int8 export either
         q("w4a4p", "PACT W4A4", 0.7, "91.3", seeds, integer=True),
         q("w2a2p", "PACT W2A2", 3.0, "89.7", seeds),
         q("wba32", "binary weights, fp32 acts (WbA32)", 2.0, "90.8 (IR-Net)"),
