@@ -57,6 +57,7 @@ class Row:
     packs: bool = True  # pack.py applies (quantized weights at <= 8 bits)
 
 
+# why the DoReFa rows fall from an fp32 base (their finding)
 DOREFA = (
     "DoReFa clips activations to [0, 1] (the seed's formula) and the fp32 base's ReLU outputs are "
     "not scaled for it (many exceed 1): the finetune starts from a network whose activations are "
@@ -69,7 +70,7 @@ FINDINGS = {
     "tried, not kept, neither scored better: a KL search matched to each tensor's uint8 levels, "
     "and the logits kept at their full min / max range",
     "w4a4l": "still rising at its last finetune epoch in both seeds (the runs' history): the "
-    "2-epoch budget that keeps the table in 3 h is the first suspect; --ft 5 is the next check",
+    "2-epoch budget is the first suspect; --ft 5 is the next check",
     "w3a3l": "still rising at its last finetune epoch (the run's history), by more than W4A4: "
     "the 2-epoch budget is the first suspect; --ft 5 is the next check",
     "w2a2l": "still rising steeply at its last finetune epoch in both seeds (the runs' history): "
@@ -378,16 +379,17 @@ def kept_rows(table: Path, base_acc: float | None, keys: list[str]) -> Kept:
         r["measured"] = r["measured"] or when
         if r["met"] == "no":  # what is known about it now, not what was known then
             r["finding"] = FINDINGS.get(r["key"], r["finding"])
-    commands = {
-        k: [ln for ln in md if f"/rows/{k} " in ln + " " or f"/rows/{k}/" in ln
-            or f"/rows/{k}_seed" in ln]
-        for k in lines
-    }  # fmt: skip
+    commands = {k: [ln for ln in md if _runs_in(k).search(ln)] for k in lines}
     note = (
         f"Rows measured by an earlier run of this table from a base of the same top-1"
         f" ({base_acc:.2f}%), kept from its .csv (their date and commit: measured)"
     )
     return Kept(lines, commands, note)
+
+
+def _runs_in(key: str) -> re.Pattern[str]:
+    """A command line that writes into the row's folders (its seeds' and steps' included)."""
+    return re.compile(rf"/rows/{re.escape(key)}(_seed\d+)?(/|\s|$)")
 
 
 def write_table(
@@ -480,9 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--base", type=Path, help="a finished run dir of experiment=base_cpu")
     ap.add_argument("--base-epochs", type=int, default=None)
-    ap.add_argument(
-        "--ft", type=int, default=2, help="finetune epochs per row (at most 5; 2: about 3 h in all)"
-    )
+    ap.add_argument("--ft", type=int, default=2, help="finetune epochs per row (at most 5)")
     ap.add_argument("--seeds", type=int, default=2, help="seeds of the 4- and 2-bit rows")
     ap.add_argument("--only", default="", help="comma-separated row keys")
     ap.add_argument(
